@@ -1,0 +1,41 @@
+# `make demo` and `make test` each do all set-up on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DATA    := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test setup data lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned here first: on these machines torch==2.13.0 is a CPU build on local disk,
+# while an unpinned torch would pull a multi-GB CUDA build. The package itself says torch>=2.3.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,lab,fast]'
+	-$(BIN)/pip install -q -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
+data:
+	@if [ -d $(DATA) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set BNKIT_DATA to a folder of the IDX files"; fi
+
+demo: setup data
+	$(BIN)/bnkit demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

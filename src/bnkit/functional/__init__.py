@@ -1,0 +1,95 @@
+"""The functional core: `batch_norm`, the one op every bnkit layer calls.
+
+Made of five pieces (see docs/architecture.md): stats, normalize, backward (reduce and
+elementwise), running (the running-stat update) and autograd (custom-op wiring).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .activation import ACTIVATIONS, check_act
+from .autograd import bn_apply
+from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .normalize import normalize
+from .running import update_running
+from .stats import Stats, batch_stats, merge_many, merge_stats
+
+__all__ = ["batch_norm", "batch_stats", "normalize", "backward_reduce", "backward_elemt",
+           "act_backward", "grad_affine", "update_running", "merge_stats", "merge_many", "Stats",
+           "ACTIVATIONS"]
+
+
+def _valid_count(x, axis, mask) -> int:
+    """Values per channel that enter the statistics (a Python int; syncs for a mask)."""
+    if mask is None:
+        return x.numel() // max(x.shape[axis], 1)
+    shape = [s for d, s in enumerate(x.shape) if d != axis]
+    return int(mask.expand(shape).sum())
+
+
+def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, mask,
+              act):
+    checks.check_input(x)
+    axis = checks.normalize_axis(axis, x.dim())
+    for name, v in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        checks.check_channel_vector(name, v, x, axis)
+    checks.check_running(running_mean, running_var, training)
+    checks.check_scalars(momentum, eps)
+    if mask is not None:
+        checks.check_mask(mask, x, axis)
+    check_act(act)
+    return axis
+
+
+def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, mask=None, act="identity"):
+    """Batch normalization over every dimension but the channel `axis`.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias, with (mean, var) the biased batch
+    statistics when `training` (the running buffers then move towards the batch mean and
+    the unbiased variance by `momentum`, in place) and the running statistics otherwise.
+    With axis=1 and no mask it matches torch.nn.functional.batch_norm (same arguments,
+    same outputs, gradients and running statistics) and is more accurate off-centre.
+
+    Args:
+        input: (N, C, ...) tensor, or any rank >= 2 with channels at `axis`.
+        running_mean, running_var: (C,) buffers or None (then batch statistics only).
+        weight, bias: optional (C,) affine parameters.
+        training: normalize with batch statistics and update the running buffers.
+        momentum: running = (1 - momentum) * running + momentum * batch. Default 0.1.
+        eps: added to the variance. Default 1e-5.
+        axis: the channel dimension; negative values count from the end.
+        mask: optional boolean tensor over the non-channel dims (e.g. (N, L) for (N, C, L)),
+            True where a value is real. Statistics use only valid positions; padded positions
+            are normalized with the same statistics.
+        act: activation fused into the output ('identity', 'relu', 'silu', 'gelu'); its
+            derivative is fused into the backward. Used by BatchNormAct.
+
+    Shape: input (*), output the same shape and dtype.
+
+    Example:
+        >>> x = torch.randn(8, 3, 5)
+        >>> y = batch_norm(x, training=True)
+        >>> torch.allclose(y.mean((0, 2)), torch.zeros(3), atol=1e-6)
+        True
+    """
+    axis = _validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     axis, mask, act)
+    count = _valid_count(input, axis, mask) if training else 2
+    if input.numel() == 0:
+        return _empty(input, weight, bias, axis, act)
+    checks.check_enough_values(count, input, training, mask is not None)
+    y, mean, var, n = bn_apply(input, weight, bias, running_mean, running_var, mask, training,
+                               eps, axis, act)
+    if training and running_mean is not None:
+        update_running(running_mean, running_var, mean, var, n, momentum)
+    return y
+
+
+def _empty(x, weight, bias, axis, act):
+    """An empty batch: empty output (still connected to weight/bias), no statistics touched."""
+    c = x.shape[axis]
+    zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+    return normalize(x, zeros, torch.ones_like(zeros), weight, bias, axis, act)

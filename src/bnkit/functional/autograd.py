@@ -1,0 +1,123 @@
+"""Autograd and torch.compile wiring: the core as two `torch.library` custom ops.
+
+`bnkit::batch_norm_fwd` and `bnkit::batch_norm_bwd` are opaque to torch.compile (so
+`fullgraph=True` works and the fast kernels run inside compiled graphs) and dispatch to the
+selected backend at run time. The running-stat update happens outside, in plain in-place
+torch ops, which torch.compile functionalizes like it does for torch's own BN buffers.
+
+Double backward: when the backward itself must be differentiated (create_graph=True), the
+same hand-derived formulas run as reference torch ops with the statistics recomputed
+differentiably from x, so autograd can take their derivative.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .stats import acc_dtype, batch_stats, mask_view
+
+
+def _running(running_mean, running_var, x):
+    """Eval-mode statistics: copies of the running buffers in the accumulation dtype."""
+    adt = acc_dtype(x.dtype)
+    count = torch.zeros((), dtype=adt, device=x.device)
+    return count, running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
+
+
+@torch.library.custom_op("bnkit::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   mask: Optional[Tensor], training: bool, eps: float, axis: int,
+                   act: str = "identity") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, mean, var, count). mean/var (C,) and count () in the accumulation dtype."""
+    backend = kernels.select(x, axis, mask)
+    if training:
+        count, mean, var = backend.batch_stats(x, axis, mask)
+    else:
+        count, mean, var = _running(running_mean, running_var, x)
+    invstd = torch.rsqrt(var + eps)
+    y = backend.normalize(x, mean, invstd, weight, bias, axis, act)
+    return y, mean, var, count
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act="identity"):
+    adt = acc_dtype(x.dtype)
+    c = x.shape[axis]
+    return (torch.empty_like(x), x.new_empty((c,), dtype=adt), x.new_empty((c,), dtype=adt),
+            x.new_empty((), dtype=adt))
+
+
+@torch.library.custom_op("bnkit::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, var: Tensor, count: Tensor, mask: Optional[Tensor],
+                   training: bool, eps: float, axis: int,
+                   act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias): the activation's derivative, the reduce step, then the
+    elementwise step."""
+    backend = kernels.select(x, axis, mask)
+    invstd = torch.rsqrt(var + eps)
+    if act != "identity":
+        dy = backend.act_backward(dy, x, mean, invstd, weight, bias, axis, act)
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean, axis)
+    dx = backend.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis,
+                                mask, training)
+    dweight, dbias = grad_affine(sum_dy, sum_dy_xmu, invstd)
+    pdt = weight.dtype if weight is not None else x.dtype
+    return dx, dweight.to(pdt), dbias.to(pdt)
+
+
+@batch_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act="identity"):
+    pdt = weight.dtype if weight is not None else x.dtype
+    c = x.shape[axis]
+    return torch.empty_like(x), x.new_empty((c,), dtype=pdt), x.new_empty((c,), dtype=pdt)
+
+
+def _differentiable_bwd(dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act):
+    """The same formulas as batch_norm_bwd in reference torch ops, stats recomputed from x."""
+    if training:
+        count, mean, var = batch_stats(x, axis, mask)
+    invstd = torch.rsqrt(var + eps)
+    dy = act_backward(dy, x, mean, invstd, weight, bias, axis, act)
+    sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis)
+    dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask,
+                        training)
+    dweight, dbias = grad_affine(sum_dy, sum_dy_xmu, invstd)
+    pdt = weight.dtype if weight is not None else x.dtype
+    return dx, dweight.to(pdt), dbias.to(pdt)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, mask, training, eps, axis, act = inputs
+    _, mean, var, count = output
+    ctx.save_for_backward(x, weight, bias, mean, var, count, mask)
+    ctx.training, ctx.eps, ctx.axis, ctx.act = training, eps, axis, act
+
+
+def _backward(ctx, dy, _dmean, _dvar, _dcount):
+    x, weight, bias, mean, var, count, mask = ctx.saved_tensors
+    args = (dy, x, weight, bias, mean, var, count, mask, ctx.training, ctx.eps, ctx.axis, ctx.act)
+    if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+        dx, dweight, dbias = _differentiable_bwd(*args)
+    else:
+        dx, dweight, dbias = batch_norm_bwd(*args)
+    dweight = dweight if weight is not None else None
+    dbias = dbias if bias is not None else None
+    return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
+batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
+             act="identity"):
+    """Run the forward op (the mask gets its channel axis here). -> (y, mean, var, count)."""
+    if mask is not None:
+        mask = mask_view(mask, x.dim(), axis)
+    return batch_norm_fwd(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
+                          act)

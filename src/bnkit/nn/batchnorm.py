@@ -1,0 +1,94 @@
+"""BatchNorm1d/2d/3d, drop-ins for torch.nn's, and BatchNorm for any rank and channel axis."""
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from .base import NormBase
+
+
+class BatchNorm(NormBase):
+    """Batch normalization over every dimension but the channel `axis`, for any rank >= 2.
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, per channel. In training the batch
+    statistics (biased variance) are used and the running buffers move towards them
+    (unbiased variance) by `momentum`; in eval the running statistics are used.
+
+    Args:
+        num_features: C, the size of the channel dimension.
+        axis: the channel dimension (default 1; -1 for channels-last data). Keyword-only.
+        eps: added to the variance (default 1e-5).
+        momentum: weight of the new batch in the running average (default 0.1, PyTorch's
+            convention); None for a cumulative average.
+        affine: learn weight and bias (default True).
+        track_running_stats: keep running statistics (default True); if False, batch
+            statistics are used in eval too.
+
+    Shape: input (N, C, *) for axis=1; output the same shape and dtype.
+
+    Example:
+        >>> bn = BatchNorm(16, axis=-1)          # channels-last (N, L, C)
+        >>> bn(torch.randn(4, 10, 16)).shape
+        torch.Size([4, 10, 16])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
+                         device=device, dtype=dtype)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected at least 2D input (got {shape}); BatchNorm needs a "
+                             "batch and a channel dimension")
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum, step = self._momentum_and_step()
+        rm, rv = self._running_buffers()
+        y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
+                         momentum, self.eps, axis=self.axis, mask=mask)
+        if step and input.numel() > 0:
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class _FixedRank(BatchNorm):
+    """Channels at dim 1 and a fixed set of ranks, as torch.nn.BatchNorm{1,2,3}d."""
+
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=1,
+                         device=device, dtype=dtype)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() not in self._ranks:
+            want = " or ".join(f"{r}D" for r in self._ranks)
+            got = f"{x.dim()}D input of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
+                else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expected {want} input (got {got}); use "
+                             f"the BatchNorm class matching your input's rank, or "
+                             f"bnkit.nn.BatchNorm for any rank")
+
+
+class BatchNorm1d(_FixedRank):
+    """Drop-in for torch.nn.BatchNorm1d: input (N, C) or (N, C, L). See `BatchNorm`."""
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_FixedRank):
+    """Drop-in for torch.nn.BatchNorm2d: input (N, C, H, W). See `BatchNorm`."""
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(_FixedRank):
+    """Drop-in for torch.nn.BatchNorm3d: input (N, C, D, H, W). See `BatchNorm`."""
+
+    _ranks = (5,)
