@@ -1,5 +1,35 @@
 """bnkit layers: drop-in BatchNorm and the BN family, all over one functional core."""
+from .act import BatchNormAct
 from .base import NormBase
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .frozen import FrozenBatchNorm
+from .ghost import GhostBatchNorm
+from .recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
+from .registry import available_norms, get_norm, register_norm
+from .renorm import BatchRenorm, renorm_schedule
 
-__all__ = ["NormBase", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BNLSTM",
+    "BNLSTMCell",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
+    "NormBase",
+    "RecurrentBatchNorm",
+    "available_norms",
+    "get_norm",
+    "register_norm",
+    "renorm_schedule",
+]
+
+try:  # SyncBatchNorm needs torch.distributed; the package imports without it
+    from .sync import SyncBatchNorm  # noqa: F401
+except ImportError:
+    pass
+else:
+    __all__.append("SyncBatchNorm")

@@ -1,0 +1,77 @@
+"""BatchNormAct: BN followed by an activation in one module, fused for the common activations."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .base import NormBase
+
+# The activations the core fuses (`act=` of bnkit.functional.batch_norm), as modules too.
+_FUSABLE = {"identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+def resolve_act(act) -> tuple[str | None, nn.Module]:
+    """(name fused into the core or None, the activation as a module) for a name or module."""
+    if isinstance(act, nn.Module):
+        return None, act
+    if isinstance(act, str):
+        if act not in _FUSABLE:
+            raise ValueError(f"unknown activation {act!r}: expected one of {sorted(_FUSABLE)} "
+                             "or an nn.Module instance (e.g. act=nn.Hardswish())")
+        return act, _FUSABLE[act]()
+    raise TypeError(f"act must be an activation name or an nn.Module instance (got "
+                    f"{type(act).__name__}); pass e.g. act='relu' or act=nn.Hardswish()")
+
+
+class BatchNormAct(NormBase):
+    """Batch normalization followed by an activation: y = act(BN(x)).
+
+    BN(x) = (x - mean) / sqrt(var + eps) * weight + bias, per channel, exactly as
+    `BatchNorm` (batch statistics in training, running statistics in eval). For act in
+    'relu', 'silu', 'gelu', 'identity' the activation and its derivative are fused into the
+    core's elementwise passes (dz = dy * act'(z), z recomputed in the backward rather than
+    stored); any other nn.Module runs after the BN. `self.act` is always the activation as a
+    module, so tools can split the layer back into BN + act. The state dict has BatchNorm2d's
+    keys (plus the module activation's own, if it has parameters), so it loads torch BN
+    checkpoints.
+
+    Args:
+        num_features: C, the size of the channel dimension.
+        act: 'relu' (default), 'silu', 'gelu', 'identity', or an nn.Module.
+        eps, momentum, affine, track_running_stats: as in `BatchNorm` (1e-5, 0.1, True, True).
+        axis: the channel dimension (default 1). Keyword-only.
+
+    Shape: input (N, C, *) for axis=1; output the same shape and dtype.
+
+    Example:
+        >>> m = BatchNormAct(8, act="silu")
+        >>> m.load_state_dict(torch.nn.BatchNorm2d(8).state_dict())
+        <All keys matched successfully>
+        >>> bool((m(torch.randn(4, 8, 5, 5)) >= -0.2785).all())   # SiLU's minimum
+        True
+    """
+
+    def __init__(self, num_features: int, act="relu", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, axis: int = 1, device=None,
+                 dtype=None) -> None:
+        fused, module = resolve_act(act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
+                         device=device, dtype=dtype)
+        self.fused = fused
+        self.act = module
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        momentum, step = self._momentum_and_step()
+        rm, rv = self._running_buffers()
+        y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
+                         momentum, self.eps, axis=self.axis, mask=mask,
+                         act=self.fused or "identity")
+        if step and input.numel() > 0:
+            self.num_batches_tracked.add_(1)
+        return y if self.fused is not None else self.act(y)
+
+    def extra_repr(self) -> str:
+        name = self.fused if self.fused is not None else "module"
+        return f"{super().extra_repr()}, act={name!r}"

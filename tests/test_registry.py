@@ -1,0 +1,105 @@
+"""get_norm: every name builds the right layer, errors name the valid choices."""
+
+import pytest
+import torch
+
+import bnkit.nn as bnn
+from bnkit.nn import available_norms, get_norm, register_norm
+from bnkit.nn.registry import _REGISTRY, ChannelLayerNorm, default_num_groups
+
+D = torch.float64
+NAMES = ["batchnorm", "batchnorm_act", "frozen", "ghost", "groupnorm", "instancenorm",
+         "layernorm", "recurrent", "renorm", "sync"]
+
+
+def test_available_names():
+    assert set(NAMES) <= set(available_norms())
+    assert available_norms() == sorted(available_norms())
+
+
+@pytest.mark.parametrize("name,cls,kwargs", [
+    ("batchnorm", bnn.BatchNorm, {"momentum": 0.3}),
+    ("renorm", bnn.BatchRenorm, {"r_max": 2.0}),
+    ("ghost", bnn.GhostBatchNorm, {"virtual_batch_size": 4}),
+    ("frozen", bnn.FrozenBatchNorm, {"eps": 1e-3}),
+    ("recurrent", bnn.RecurrentBatchNorm, {"max_steps": 5}),
+    ("batchnorm_act", bnn.BatchNormAct, {"eps": 1e-3}),
+    ("layernorm", ChannelLayerNorm, {}),
+    ("groupnorm", torch.nn.GroupNorm, {"num_groups": 4}),
+    ("instancenorm", torch.nn.InstanceNorm2d, {"affine": True}),
+])
+def test_builds_the_layer_with_its_kwargs(name, cls, kwargs):
+    m = get_norm(name, 8, **kwargs)
+    assert type(m) is cls
+    for k, v in kwargs.items():
+        assert getattr(m, k) == v, k
+
+
+def test_sync_when_available():
+    if not hasattr(bnn, "SyncBatchNorm"):
+        with pytest.raises(ValueError, match=r"norm 'sync' is not available"):
+            get_norm("sync", 8)
+        return
+    assert isinstance(get_norm("sync", 8), bnn.SyncBatchNorm)
+
+
+def test_default_num_groups():
+    assert [default_num_groups(c) for c in (64, 48, 30, 7, 34, 1)] == [32, 24, 30, 7, 17, 1]
+    assert get_norm("groupnorm", 48).num_groups == 24
+
+
+def test_layernorm_normalizes_over_channels_at_each_position():
+    ln = get_norm("layernorm", 4, dtype=D)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 3, 5, dtype=D) * 3 + 1
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, unbiased=False, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + 1e-5) * ln.weight.view(1, 4, 1, 1) \
+        + ln.bias.view(1, 4, 1, 1)
+    torch.testing.assert_close(ln(x), want, rtol=1e-12, atol=1e-12)
+    assert list(ln.state_dict()) == list(torch.nn.LayerNorm(4).state_dict())
+    last = get_norm("layernorm", 4, axis=-1, dtype=D)
+    torch.testing.assert_close(last(x.movedim(1, -1)), torch.nn.functional.layer_norm(
+        x.movedim(1, -1), (4,)), rtol=1e-12, atol=1e-12)
+
+
+def test_instancenorm_dim():
+    assert type(get_norm("instancenorm", 3, dim=1)) is torch.nn.InstanceNorm1d
+    assert type(get_norm("instancenorm", 3, dim=3)) is torch.nn.InstanceNorm3d
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"unknown norm 'bn': expected one of \['batchnorm', "
+                                         r"'batchnorm_act', 'frozen', 'ghost'"):
+        get_norm("bn", 8)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive int dividing "
+                                         r"num_features=8 \(got 3\); leave it out for 8"):
+        get_norm("groupnorm", 8, num_groups=3)
+    with pytest.raises(ValueError, match=r"dim must be 1, 2 or 3.*got 4"):
+        get_norm("instancenorm", 8, dim=4)
+    with pytest.raises(TypeError, match=r"get_norm\('frozen'\) got unknown keyword\(s\) "
+                                        r"\['momentum'\]; accepted: \[.*'eps'"):
+        get_norm("frozen", 8, momentum=0.1)
+    with pytest.raises(TypeError, match=r"virtual_batch_size"):
+        get_norm("ghost", 8)  # the layer's own error for a missing required argument
+
+
+def test_register_norm():
+    class Scale(torch.nn.Module):
+        def __init__(self, num_features, value=2.0):
+            super().__init__()
+            self.value = value
+
+    try:
+        register_norm("scale_for_test", Scale)
+        assert get_norm("scale_for_test", 3, value=5.0).value == 5.0
+        assert "scale_for_test" in available_norms()
+        with pytest.raises(ValueError, match=r"norm 'scale_for_test' is already registered"):
+            register_norm("scale_for_test", Scale)
+    finally:
+        _REGISTRY.pop("scale_for_test", None)
+    with pytest.raises(TypeError, match=r"expects a name and a callable factory \(got str, "
+                                        r"int\)"):
+        register_norm("x", 3)
