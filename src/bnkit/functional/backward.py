@@ -33,22 +33,35 @@ def grad_affine(sum_dy, sum_dy_xmu, invstd):
     return sum_dy_xmu * invstd, sum_dy
 
 
-def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1,
-                   mask=None, training=True):
-    """dx = a dy + m (k (x - mean_hi) + c), a = w s, k = -a s^2 sum_dy_xmu/n,
-    c = -a sum_dy/n - k (mean - mean_hi). Output has dy's dtype. In eval, dx = a dy."""
-    cdtype = compute_dtype(x.dtype)
-    nd = x.dim()
+def elemt_coeffs(mean, invstd, weight, sum_dy, sum_dy_xmu, count, cdtype, training=True):
+    """Per-channel (mean_hi, a, k, c) of the elementwise step, each (C,) in `cdtype`.
+
+    a = w s, k = -a s^2 sum_dy_xmu/n, c = -a sum_dy/n - k (mean - mean_hi); in eval k = c = 0.
+    """
     a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    dyc = dy.to(cdtype)
-    if not training:
-        return (dyc * channel_view(a.to(cdtype), nd, axis)).to(dy.dtype)
+    mean_hi = mean.to(cdtype)
+    if not training:  # the statistics are constants: dx = a dy
+        zero = torch.zeros_like(a, dtype=cdtype)
+        return mean_hi, a.to(cdtype), zero, zero
     n = count.to(invstd.dtype)
     k = -a * invstd * invstd * sum_dy_xmu / n
-    mean_hi = mean.to(cdtype)
     c = -a * sum_dy / n - k * (mean - mean_hi.to(mean.dtype))
+    return mean_hi, a.to(cdtype), k.to(cdtype), c.to(cdtype)
+
+
+def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1,
+                   mask=None, training=True):
+    """dx = a dy + m (k (x - mean_hi) + c) with `elemt_coeffs`. Output has dy's dtype.
+    In eval, dx = a dy."""
+    cdtype = compute_dtype(x.dtype)
+    nd = x.dim()
+    mean_hi, a, k, c = elemt_coeffs(mean, invstd, weight, sum_dy, sum_dy_xmu, count, cdtype,
+                                    training)
+    dyc = dy.to(cdtype)
+    if not training:
+        return (dyc * channel_view(a, nd, axis)).to(dy.dtype)
     xc = x.to(cdtype) - channel_view(mean_hi, nd, axis)
-    corr = torch.addcmul(channel_view(c.to(cdtype), nd, axis), xc, channel_view(k.to(cdtype), nd, axis))
+    corr = torch.addcmul(channel_view(c, nd, axis), xc, channel_view(k, nd, axis))
     if mask is not None:
         corr = corr * mask.to(cdtype)
     return torch.addcmul(corr, dyc, channel_view(a.to(cdtype), nd, axis)).to(dy.dtype)
