@@ -1,0 +1,272 @@
+"""Swap every BN-like layer of a model for another kind, keeping what carries over.
+
+Targets: "torch" (torch.nn.BatchNorm1d/2d/3d), "bnkit" (bnkit.nn.BatchNorm*), "sync"
+(bnkit.nn.SyncBatchNorm), "frozen" (bnkit.nn.FrozenBatchNorm), "renorm" (BatchRenorm),
+"ghost" (GhostBatchNorm) and "group" (torch.nn.GroupNorm). weight, bias, running_mean,
+running_var and num_batches_tracked are copied bit for bit where the target has them (GroupNorm
+keeps only weight and bias), along with eps, momentum, affine, track_running_stats, the channel
+axis, the training flag and requires_grad.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import nn as bnn
+from ..nn.registry import default_num_groups
+from .walk import bn_axis, bn_eps, has_running_stats, is_bn, is_frozen_bn, replace_all, working_copy
+
+TARGETS = ("torch", "bnkit", "sync", "frozen", "renorm", "ghost", "group")
+_KWARGS = {"torch": set(), "bnkit": set(), "sync": {"process_group"}, "frozen": set(),
+           "renorm": {"r_max", "d_max"}, "ghost": {"virtual_batch_size"},
+           "group": {"num_groups"}}
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+UNFROZEN = "_bnkit_unfrozen"  # attribute of a FrozenBatchNorm made by convert: its source layer
+
+
+class TorchBatchNorm(_BatchNorm):
+    """torch.nn's BatchNorm for any input rank >= 2, channels at dim 1: the "torch" target for
+    layers whose rank is not known (torch's BatchNorm1d/2d/3d each check a rank)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, *) (got {input.dim()}D input); "
+                             "add a batch dimension with x.unsqueeze(0)")
+
+
+@dataclass
+class Source:
+    """What a BN-like layer is, as far as building another kind needs."""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    has_bias: bool
+    track_running_stats: bool
+    axis: int
+    dim: int | None  # 1, 2 or 3 from a class name ending in 1d/2d/3d, else None (any rank)
+    training: bool
+    device: torch.device
+    dtype: torch.dtype
+
+
+def describe(bn: nn.Module) -> Source:
+    """Read a BN-like layer's configuration (frozen layers count as affine, tracking)."""
+    frozen = is_frozen_bn(bn)
+    weight = getattr(bn, "weight", None)
+    ref = next((t for t in (weight, getattr(bn, "running_mean", None))
+                if isinstance(t, torch.Tensor)), None)  # where the new layer lives
+    match = re.search(r"([123])d$", type(bn).__name__)
+    return Source(
+        num_features=int(getattr(bn, "num_features", 0) or _channels(bn)), eps=bn_eps(bn),
+        momentum=getattr(bn, "momentum", 0.1),
+        affine=frozen or bool(getattr(bn, "affine", weight is not None)),
+        has_bias=getattr(bn, "bias", None) is not None,
+        track_running_stats=frozen or bool(getattr(bn, "track_running_stats", True)),
+        axis=bn_axis(bn), dim=int(match.group(1)) if match else None, training=bn.training,
+        device=ref.device if ref is not None else torch.device("cpu"),
+        dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+
+
+def _channels(bn) -> int:
+    for key in ("running_mean", "weight"):
+        t = getattr(bn, key, None)
+        if isinstance(t, torch.Tensor):
+            return int(t.shape[-1])
+    return 0
+
+
+def copy_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy weight, bias, running stats and step counter where both layers hold them, bit for
+    bit, and carry requires_grad over between parameters."""
+    with torch.no_grad():
+        for key in _STATE:
+            s, d = getattr(src, key, None), getattr(dst, key, None)
+            if isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor) \
+                    and s.shape == d.shape:
+                d.copy_(s)
+                if isinstance(s, nn.Parameter) and isinstance(d, nn.Parameter):
+                    d.requires_grad_(s.requires_grad)
+
+
+def _bn_args(s: Source) -> tuple:
+    return s.num_features, s.eps, s.momentum, s.affine, s.track_running_stats
+
+
+def _fk(s: Source) -> dict:
+    return {"device": s.device, "dtype": s.dtype}
+
+
+def _torch(s: Source, kw: dict) -> nn.Module:
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(s.dim, TorchBatchNorm)
+    return cls(*_bn_args(s), **_fk(s))
+
+
+def _bnkit(s: Source, kw: dict) -> nn.Module:
+    cls = {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d, 3: bnn.BatchNorm3d}.get(s.dim)
+    if cls is not None and s.axis == 1:
+        return cls(*_bn_args(s), **_fk(s))
+    return bnn.BatchNorm(*_bn_args(s), axis=s.axis, **_fk(s))
+
+
+def _sync(s: Source, kw: dict) -> nn.Module:
+    from ..nn.sync import SyncBatchNorm
+
+    return SyncBatchNorm(*_bn_args(s), kw.get("process_group"), axis=s.axis, **_fk(s))
+
+
+def _frozen(s: Source, kw: dict) -> nn.Module:
+    frozen = bnn.FrozenBatchNorm(s.num_features, s.eps, axis=s.axis, **_fk(s))
+    frozen.momentum = s.momentum  # what unfreezing gives back
+    return frozen
+
+
+def _renorm(s: Source, kw: dict) -> nn.Module:
+    from ..nn.renorm import BatchRenorm
+
+    return BatchRenorm(*_bn_args(s), axis=s.axis, **kw, **_fk(s))
+
+
+def _ghost(s: Source, kw: dict) -> nn.Module:
+    from ..nn.ghost import GhostBatchNorm
+
+    return GhostBatchNorm(s.num_features, kw["virtual_batch_size"], *_bn_args(s)[1:],
+                          axis=s.axis, **_fk(s))
+
+
+def _group(s: Source, kw: dict) -> nn.Module:
+    return nn.GroupNorm(kw["num_groups"], s.num_features, s.eps, s.affine, **_fk(s))
+
+
+_FACTORIES = {"torch": _torch, "bnkit": _bnkit, "sync": _sync, "frozen": _frozen,
+              "renorm": _renorm, "ghost": _ghost, "group": _group}
+
+
+def _already(to: str, bn: nn.Module, kw: dict) -> bool:
+    """The layer is already of the target kind (and no option asks for a change)."""
+    if kw:
+        return False
+    from ..nn.ghost import GhostBatchNorm
+    from ..nn.renorm import BatchRenorm
+
+    kinds = {"torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, TorchBatchNorm),
+             "bnkit": (bnn.BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d),
+             "frozen": (bnn.FrozenBatchNorm,), "renorm": (BatchRenorm,),
+             "ghost": (GhostBatchNorm,), "sync": (getattr(bnn, "SyncBatchNorm", None),)}
+    return type(bn) in kinds.get(to, ())
+
+
+def _check_layer(to: str, name: str, bn: nn.Module, s: Source, kw: dict) -> None:
+    """Raise, naming the layer, when it cannot become a `to` layer."""
+    where = f"layer '{name}' ({type(bn).__name__})" if name else f"the model ({type(bn).__name__})"
+    act = getattr(bn, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        raise TypeError(f"convert(to={to!r}): {where} fuses the activation "
+                         f"{type(act).__name__}, which a plain {to!r} layer would drop; replace "
+                         "it by nn.Sequential(<BN layer>, <activation>) first, or build the model "
+                         "with act='identity'")
+    if s.num_features < 1:
+        raise ValueError(f"convert(to={to!r}): {where} has no num_features, weight or running "
+                         "statistics to tell its number of channels; give it num_features")
+    if to == "frozen" and not has_running_stats(bn):
+        raise ValueError(f"convert(to='frozen'): {where} has no running statistics "
+                         "(track_running_stats=False), so there is nothing to freeze; build it "
+                         "with track_running_stats=True and run training batches first")
+    if to in ("torch", "group") and s.axis != 1:
+        raise ValueError(f"convert(to={to!r}): {where} normalizes channels on axis {s.axis}, "
+                         f"but {to!r} layers need channels on axis 1; permute the input to "
+                         "(N, C, *) first, or convert to 'bnkit'")
+    if to == "group":
+        g = kw["num_groups"]
+        if s.num_features % g:
+            raise ValueError(f"convert(to='group'): {where} has {s.num_features} channels, not "
+                             f"divisible by num_groups={g}; pass a num_groups that divides "
+                             f"{s.num_features} (e.g. {default_num_groups(s.num_features)}), or "
+                             "leave it out to pick one per layer")
+
+
+def _check_kwargs(to: str, kw: dict) -> None:
+    if to not in TARGETS:
+        raise ValueError(f"convert: unknown target {to!r}; expected one of "
+                         f"{', '.join(repr(t) for t in TARGETS)}")
+    unknown = sorted(set(kw) - _KWARGS[to])
+    if unknown:
+        accepted = sorted(_KWARGS[to]) or "none"
+        raise TypeError(f"convert(to={to!r}) got unknown keyword(s) {unknown}; accepted: "
+                        f"{accepted}")
+    if to == "ghost" and "virtual_batch_size" not in kw:
+        raise ValueError("convert(to='ghost') needs virtual_batch_size, the samples per ghost "
+                         "batch (got none); pass e.g. virtual_batch_size=32")
+    g = kw.get("num_groups")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+        raise ValueError(f"convert(to='group'): num_groups must be a positive int (got {g!r}); "
+                         "pass e.g. num_groups=32, or leave it out")
+
+
+def convertible(module: nn.Module) -> bool:
+    """BN-like layers `convert` swaps: all but those with per-step statistics (recurrent BN,
+    whose forward takes a time step)."""
+    rm = getattr(module, "running_mean", None)
+    return is_bn(module) and not (isinstance(rm, torch.Tensor) and rm.dim() == 2)
+
+
+def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
+    """The `to` layer equivalent to `bn` (None if `bn` already is one)."""
+    if _already(to, bn, kw):
+        return None
+    s = describe(bn)
+    kw = dict(kw)
+    if to == "group" and kw.get("num_groups") is None:
+        kw["num_groups"] = default_num_groups(max(s.num_features, 1))
+    _check_layer(to, name, bn, s, kw)
+    new = _FACTORIES[to](s, kw)
+    copy_state(bn, new)
+    if not s.has_bias and isinstance(getattr(new, "bias", None), nn.Parameter):
+        new.register_parameter("bias", None)  # bias=False source: forward treats None as 0
+    if to == "frozen":
+        object.__setattr__(new, UNFROZEN, bn)  # plain attribute: not a submodule, not saved
+    return new.train(s.training)
+
+
+def convert(model: nn.Module, to: str, *, inplace: bool = False, **kwargs) -> nn.Module:
+    """Swap every BN-like layer of `model` for a `to` layer, keeping what carries over.
+
+    Layers already of the target kind are kept as they are. Running statistics, affine
+    parameters and the step counter are copied exactly, so torch -> bnkit -> torch is
+    bit-exact (same classes, same state dict). Layers with per-step statistics (recurrent
+    BN) are left alone. The new layers are new objects: build optimizers after converting.
+
+    Args:
+        model: any nn.Module (a BN layer itself too).
+        to: "torch", "bnkit", "sync" (process_group=None), "frozen", "renorm" (r_max=3.0,
+            d_max=5.0), "ghost" (virtual_batch_size, required) or "group" (num_groups: default
+            32 if it divides C, else the largest divisor of C below 32; GroupNorm gets only
+            weight and bias).
+        inplace: change `model` itself instead of a copy. Default False.
+        **kwargs: the target's options above.
+
+    Returns: the converted model (a deep copy unless inplace=True).
+
+    Raises: ValueError naming the layer when it cannot be converted (channels not
+    divisible by num_groups, no running statistics to freeze, a channel axis other than 1
+    for 'torch'/'group', a lazy layer before its first forward); TypeError naming it for a
+    BatchNormAct with an activation (a plain layer would drop it) and for an unknown option.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> type(convert(net, "bnkit")[1]).__name__
+        'BatchNorm2d'
+        >>> convert(net, "group", num_groups=4)[1].num_groups
+        4
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module (got {type(model).__name__}); pass the "
+                        "model")
+    _check_kwargs(to, kwargs)
+    work = working_copy(model, "convert", inplace)
+    return replace_all(work, lambda name, bn: build(to, name, bn, kwargs), select=convertible)
