@@ -87,7 +87,20 @@ def check_running(running_mean, running_var, training: bool) -> None:
                          "to normalize with batch statistics")
 
 
+def _check_real(name, v, fix) -> None:
+    """A Python/NumPy number or a 0-d tensor; float(v) must work (None and str do not)."""
+    try:
+        if isinstance(v, str):
+            raise TypeError
+        float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a real number (got {v!r}); {fix}") from None
+
+
 def check_scalars(momentum, eps) -> None:
+    _check_real("momentum", momentum, "the functional form takes a float (a module's "
+                "momentum=None, the cumulative average, reaches it as 1 / num_batches_tracked)")
+    _check_real("eps", eps, "pass a float such as 1e-5")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1] (got {momentum}); PyTorch's convention "
                          "is used: 0.1 here equals 0.9 in Keras (m_torch = 1 - m_keras)")

@@ -4,7 +4,8 @@ Written as `(x - mean_hi) * scale + shift` with per-channel vectors computed in 
 accumulation dtype. `mean_hi` is the mean rounded to the compute dtype; the rounding error
 `mean - mean_hi` is folded into `shift`. For float32 input with float64 statistics this keeps
 off-centre data exact to well under one float32 ulp of the mean (torch's `x * invstd + shift`
-loses ~3 ulps at mean 1e4), and a constant input gives exactly `bias` (x - mean_hi == 0).
+loses up to ~1 ulp at mean 1e4 on (N, C, H, W) input and ~17 ulps on (N, C) input, see
+tests/test_numerics.py), and a constant input gives exactly `bias` (x - mean_hi == 0).
 """
 from __future__ import annotations
 

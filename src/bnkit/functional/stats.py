@@ -1,8 +1,11 @@
 """Batch statistics per channel: (count, mean, biased var), optionally masked, and their merge.
 
-Every layer of the family gets its statistics here. The variance is always two-pass,
-sum((x - mean)^2) / n, never E[x^2] - E[x]^2, so inputs with |mean|/std of 1e4 still
-normalize correctly; sums run in `acc_dtype(x)` (float64 for float32 input).
+Every layer of the family gets its statistics here. The variance is always two-pass, from
+the deviations d = x - mean0 of a first mean, never E[x^2] - E[x]^2, so inputs with
+|mean|/std of 1e4 still normalize correctly; sums run in `acc_dtype(x)` (float64 for float32
+input). The second pass also yields E[d], the rounding error of mean0 (the corrected
+two-pass algorithm of Chan, Golub & LeVeque): mean = mean0 + E[d] is exact for a constant
+input in any dtype, and var = E[d^2] - E[d]^2 (E[d] is rounding-sized: no cancellation).
 """
 from __future__ import annotations
 
@@ -59,18 +62,25 @@ def batch_stats(x: torch.Tensor, axis: int = 1, mask: torch.Tensor | None = None
     xa = x.to(acc_dtype(x.dtype))
     if mask is None:
         count = torch.tensor(x.numel() // max(x.shape[axis], 1), dtype=xa.dtype, device=x.device)
-        mean = xa.mean(dims)
-        xmu = xa - channel_view(mean, x.dim(), axis)
-        var = (xmu * xmu).mean(dims)
-        return Stats(count, mean, var)
+        mean0 = xa.mean(dims)
+        d = xa - channel_view(mean0, x.dim(), axis)
+        return _corrected(count, mean0, d.mean(dims), (d * d).mean(dims))
     shape1 = list(x.shape)
     shape1[axis] = 1
     count = mask.to(xa.dtype).expand(shape1).sum()  # valid positions per channel, a scalar
     w = mask.to(xa.dtype)
-    mean = (xa * w).sum(dims) / count
-    xmu = (xa - channel_view(mean, x.dim(), axis)) * w
-    var = (xmu * xmu).sum(dims) / count
-    return Stats(count, mean, var)
+    mean0 = (xa * w).sum(dims) / count
+    d = (xa - channel_view(mean0, x.dim(), axis)) * w
+    return _corrected(count, mean0, d.sum(dims) / count, (d * d).sum(dims) / count)
+
+
+def _corrected(count, mean0, mean_d, mean_d2) -> Stats:
+    """Stats from the first mean and the moments of d = x - mean0 (all (C,)).
+
+    mean = mean0 + E[d]; var = E[d^2] - E[d]^2, clamped at 0 (a constant input gives
+    d == 0 up to one rounding, and the difference may land a rounding below zero).
+    """
+    return Stats(count, mean0 + mean_d, (mean_d2 - mean_d * mean_d).clamp_min(0))
 
 
 def merge_stats(a: Stats, b: Stats) -> Stats:

@@ -17,7 +17,7 @@ class NormBase(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
-                 device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         _check_constructor(num_features, eps, momentum)
         fk = {"device": device, "dtype": dtype}
@@ -25,7 +25,9 @@ class NormBase(nn.Module):
         self.affine, self.track_running_stats, self.axis = affine, track_running_stats, axis
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **fk))
-            self.bias = nn.Parameter(torch.empty(num_features, **fk))
+            # bias=False: a learned scale without shift, as torch's `bias` keyword
+            self.register_parameter(
+                "bias", nn.Parameter(torch.empty(num_features, **fk)) if bias else None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -51,12 +53,14 @@ class NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if self.axis != 1 else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}{axis}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}{axis}")
 
     def _momentum_and_step(self):
         """(momentum to use now, whether to count a step) in training mode.

@@ -21,6 +21,8 @@ class BatchNorm(NormBase):
         momentum: weight of the new batch in the running average (default 0.1, PyTorch's
             convention); None for a cumulative average.
         affine: learn weight and bias (default True).
+        bias: with affine, also learn the bias (default True; False keeps only the scale,
+            as torch's keyword of the same name). Keyword-only.
         track_running_stats: keep running statistics (default True); if False, batch
             statistics are used in eval too.
 
@@ -34,15 +36,16 @@ class BatchNorm(NormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
-                 device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
-                         device=device, dtype=dtype)
+                         bias=bias, device=device, dtype=dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected at least 2D input (got {shape}); BatchNorm needs a "
-                             "batch and a channel dimension")
+        _check_tensor(self, x)
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input of shape "
+                             f"{tuple(x.shape)}); BatchNorm needs a batch and a channel "
+                             "dimension")
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
@@ -62,18 +65,24 @@ class _FixedRank(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, bias: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=1,
-                         device=device, dtype=dtype)
+                         bias=bias, device=device, dtype=dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() not in self._ranks:
+        _check_tensor(self, x)
+        if x.dim() not in self._ranks:
             want = " or ".join(f"{r}D" for r in self._ranks)
-            got = f"{x.dim()}D input of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
-                else type(x).__name__
-            raise ValueError(f"{type(self).__name__} expected {want} input (got {got}); use "
-                             f"the BatchNorm class matching your input's rank, or "
-                             f"bnkit.nn.BatchNorm for any rank")
+            raise ValueError(f"{type(self).__name__} expected {want} input (got {x.dim()}D "
+                             f"input of shape {tuple(x.shape)}); use the BatchNorm class "
+                             "matching your input's rank, or bnkit.nn.BatchNorm for any rank")
+
+
+def _check_tensor(module, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} expects a torch.Tensor input (got "
+                        f"{type(x).__name__}); convert it with torch.as_tensor(x, "
+                        "dtype=torch.float32)")
 
 
 class BatchNorm1d(_FixedRank):
