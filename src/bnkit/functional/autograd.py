@@ -5,6 +5,11 @@
 selected backend at run time. The running-stat update happens outside, in plain in-place
 torch ops, which torch.compile functionalizes like it does for torch's own BN buffers.
 
+Eager calls skip the custom-op machinery (schema checks, default filling, redispatch cost
+~10 us a call, most of a small layer's time) through `_EagerBatchNorm`, a plain
+autograd.Function over the very same forward, setup and backward functions; the ops are
+used whenever torch.compile is tracing.
+
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed
 differentiably from x, so autograd can take their derivative.
@@ -28,8 +33,7 @@ def _running(running_mean, running_var, x):
     return count, running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
 
 
-@torch.library.custom_op("bnkit::batch_norm_fwd", mutates_args=())
-def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    mask: Optional[Tensor], training: bool, eps: float, axis: int,
                    act: str = "identity") -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -44,6 +48,10 @@ def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return y, mean, var, count
 
 
+batch_norm_fwd = torch.library.custom_op("bnkit::batch_norm_fwd", _forward_impl,
+                                         mutates_args=())
+
+
 @batch_norm_fwd.register_fake
 def _(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act="identity"):
     adt = acc_dtype(x.dtype)
@@ -52,8 +60,7 @@ def _(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act
             x.new_empty((), dtype=adt))
 
 
-@torch.library.custom_op("bnkit::batch_norm_bwd", mutates_args=())
-def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, var: Tensor, count: Tensor, mask: Optional[Tensor],
                    training: bool, eps: float, axis: int,
                    act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
@@ -69,6 +76,10 @@ def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
     dweight, dbias = grad_affine(sum_dy, sum_dy_xmu, invstd)
     pdt = weight.dtype if weight is not None else x.dtype
     return dx, dweight.to(pdt), dbias.to(pdt)
+
+
+batch_norm_bwd = torch.library.custom_op("bnkit::batch_norm_bwd", _backward_impl,
+                                         mutates_args=())
 
 
 @batch_norm_bwd.register_fake
@@ -104,8 +115,10 @@ def _backward(ctx, dy, _dmean, _dvar, _dcount):
     args = (dy, x, weight, bias, mean, var, count, mask, ctx.training, ctx.eps, ctx.axis, ctx.act)
     if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
         dx, dweight, dbias = _differentiable_bwd(*args)
-    else:
+    elif torch.compiler.is_compiling():
         dx, dweight, dbias = batch_norm_bwd(*args)
+    else:
+        dx, dweight, dbias = _backward_impl(*args)
     dweight = dweight if weight is not None else None
     dbias = dbias if bias is not None else None
     return dx, dweight, dbias, None, None, None, None, None, None, None
@@ -114,10 +127,27 @@ def _backward(ctx, dy, _dmean, _dvar, _dcount):
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerBatchNorm(torch.autograd.Function):
+    """The same op for eager mode, without the custom-op dispatch overhead."""
+
+    @staticmethod
+    def forward(*args):
+        return _forward_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+
+    backward = staticmethod(_backward)
+
+
 def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
              act="identity"):
     """Run the forward op (the mask gets its channel axis here). -> (y, mean, var, count)."""
     if mask is not None:
         mask = mask_view(mask, x.dim(), axis)
-    return batch_norm_fwd(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
-                          act)
+    args = (x, weight, bias, running_mean, running_var, mask, training, eps, axis, act)
+    if torch.compiler.is_compiling():
+        return batch_norm_fwd(*args)
+    return _EagerBatchNorm.apply(*args)
