@@ -1,0 +1,149 @@
+"""Batch size: error against the normalization batch size, inside a fixed batch of 32.
+
+Every model takes the same number of SGD steps on batches of 32; only the number of
+examples each normalization layer sees changes (Wu & He 2018, Table 2; Ioffe 2017):
+
+* bn:     bnkit BatchNorm2d, the batch of 32 fed as 32/k forward passes of k examples
+          (gradients summed), as on k examples per device;
+* ghost:  GhostBatchNorm(virtual_batch_size=k) in one forward pass of 32;
+* renorm: BatchRenorm over micro-batches of k, with the paper's r_max/d_max ramp squeezed
+          into the run;
+* group:  torch GroupNorm, which uses no batch statistics (one run: it cannot depend on k).
+"""
+from __future__ import annotations
+
+from . import plots
+from .models import make_cnn
+from .sections import Section, Table, by, finite, fmt, mean, metric, pct, verdict_of
+from .train import evaluate, fit, images, subset
+
+NAME = "batch-size"
+TITLE = "Error against the normalization batch size"
+CLAIM = ("BN's error grows as its normalization batch shrinks (from 32 to 2 examples), "
+         "GroupNorm does not depend on it, and BatchRenorm reduces BN's small-batch penalty.")
+
+_BASE = {"widths": [16, 32], "batch": 32, "lr": 0.05, "momentum": 0.9,
+         "norm_batches": [2, 4, 8, 16, 32], "norms": ["bn", "ghost", "renorm", "group"],
+         "group_groups": 4, "renorm": {"r_max": 3.0, "d_max": 5.0, "warmup": 0.1,
+                                       "r_max_end": 0.6, "d_max_end": 0.4}}
+PROFILES = {
+    "mini": {**_BASE, "widths": [4, 8], "norm_batches": [2, 8], "batch": 8, "steps": 6,
+             "train_subset": 128, "test_subset": 64},
+    "quick": {**_BASE, "widths": [8, 16], "steps": 60, "train_subset": None,
+              "test_subset": 2000},
+    "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
+}
+
+
+_LAYERS = {"ghost": "GhostBatchNorm", "renorm": "BatchRenorm"}
+
+
+def requires(cfg: dict) -> str | None:
+    """The bnkit.nn layers the configured norms need, if any is missing."""
+    from .. import nn as bnn
+
+    missing = [_LAYERS[n] for n in cfg["norms"] if n in _LAYERS and not hasattr(bnn, _LAYERS[n])]
+    return f"bnkit.nn has no {', '.join(missing)} yet" if missing else None
+
+
+def cells(cfg: dict) -> list[dict]:
+    out = []
+    for norm in cfg["norms"]:
+        sizes = [cfg["batch"]] if norm == "group" else [k for k in cfg["norm_batches"]
+                                                         if k <= cfg["batch"]]
+        out += [{"norm": norm, "norm_batch": k} for k in sizes]
+    return out
+
+
+def _norm_kw(cfg: dict, norm: str, k: int) -> tuple[dict, int | None]:
+    """(norm-layer keyword arguments, micro-batch size for the training loop)."""
+    if norm == "ghost":
+        return {"virtual_batch_size": k}, None
+    if norm == "group":
+        return {"groups": cfg["group_groups"]}, None
+    if norm == "renorm":
+        from ..nn.renorm import renorm_schedule
+
+        r, micro_steps = cfg["renorm"], cfg["steps"] * (cfg["batch"] // k)  # layer steps
+        return renorm_schedule(int(r["warmup"] * micro_steps), r["r_max"],
+                               int(r["r_max_end"] * micro_steps), r["d_max"],
+                               int(r["d_max_end"] * micro_steps)), k
+    return {}, k
+
+
+def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
+    data = subset(ctx.data(), cfg["train_subset"], cfg["test_subset"])
+    norm, k = variant["norm"], variant["norm_batch"]
+    kw, micro = _norm_kw(cfg, norm, k)
+    model = make_cnn(cfg["widths"], norm, seed=seed, **kw)
+    with ctx.bar(cfg["steps"], f"{norm}, norm batch {k}") as bar:
+        fit(model, images(data.x_train), data.y_train, steps=cfg["steps"], batch=cfg["batch"],
+            lr=cfg["lr"], momentum=cfg["momentum"], micro=micro, seed=seed, bar=bar)
+    acc = evaluate(model, images(data.x_test), data.y_test, 500)
+    return {"test_acc": acc, "test_err": 1 - acc}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _err(groups, norm: str, k) -> float:
+    return mean(metric(groups.get((norm, k), []), "test_err"))
+
+
+def _text(cfg, groups, flags) -> list[str]:
+    small, big = min(cfg["norm_batches"]), cfg["batch"]
+    bn_small, bn_big = _err(groups, "bn", small), _err(groups, "bn", big)
+    out = []
+    if finite(bn_small, bn_big):  # both measured
+        flags.append(bn_small > bn_big)
+        out.append(f"BN's test error went from {pct(bn_big)} with {big} examples per "
+                   f"normalization to {pct(bn_small)} with {small} "
+                   f"({100 * (bn_small - bn_big):+.1f} points): the claimed small-batch "
+                   f"penalty {'appears' if bn_small > bn_big else 'does NOT appear'} in this run.")
+    gn = _err(groups, "group", big)
+    if finite(gn, bn_small):
+        flags.append(gn < bn_small)
+        out.append(f"GroupNorm (no batch statistics): {pct(gn)}, "
+                   f"{'better' if gn < bn_small else 'NOT better'} than BN at {small} examples.")
+    brn = _err(groups, "renorm", small)
+    if finite(brn, bn_small):
+        flags.append(brn < bn_small)
+        out.append(f"BatchRenorm at {small} examples: {pct(brn)} vs BN {pct(bn_small)}, so "
+                   f"renormalization {'reduced' if brn < bn_small else 'did NOT reduce'} the "
+                   "small-batch error here.")
+    ghost = _err(groups, "ghost", small)
+    if finite(ghost):
+        out.append(f"GhostBatchNorm at {small} examples (one forward pass, same training "
+                   f"statistics as BN's micro-batches, different running statistics): "
+                   f"{pct(ghost)}.")
+    return out
+
+
+def _figure(cfg, groups):
+    fig, (ax,) = plots.figure(1, 1, width=6.0)
+    sizes = cfg["norm_batches"]
+    for i, norm in enumerate(n for n in cfg["norms"] if n != "group"):
+        plots.points(ax, sizes, [metric(groups.get((norm, k), []), "test_err") for k in sizes],
+                     norm, plots.COLORS[i], scale=100)
+    gn = metric(groups.get(("group", cfg["batch"]), []), "test_err")
+    if gn:
+        ax.axhline(100 * mean(gn), color=plots.COLORS[3], ls="--", label="group (any k)")
+    plots.log_x(ax, sizes, base=2)
+    plots.finish(ax, f"test error after {cfg['steps']} steps of batch {cfg['batch']}",
+                 "examples per normalization (k)", "error %")
+    return fig
+
+
+def summarize(cfg: dict, records: list[dict]) -> Section:
+    groups = by(records, "norm", "norm_batch")
+    flags: list[bool] = []
+    paragraphs = _text(cfg, groups, flags)
+    norms = cfg["norms"]
+    rows = [[str(k)] + [fmt(metric(groups.get((n, cfg["batch"] if n == "group" else k), []),
+                                   "test_err"), 100) for n in norms]
+            for k in cfg["norm_batches"]]
+    small = min(cfg["norm_batches"])
+    headline = (f"BN error {pct(_err(groups, 'bn', cfg['batch']))} at k={cfg['batch']} vs "
+                f"{pct(_err(groups, 'bn', small))} at k={small}; GN "
+                f"{pct(_err(groups, 'group', cfg['batch']))}")
+    return Section(NAME, TITLE, CLAIM, headline, verdict_of(flags), paragraphs,
+                   Table(["k"] + [f"{n} error %" for n in norms], rows), _figure(cfg, groups))

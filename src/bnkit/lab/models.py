@@ -1,0 +1,121 @@
+"""Models of the lab: a small CNN, a small ResNet-style net and a row-by-row RNN classifier,
+each built with a pluggable normalization layer. The MLP is `bnkit.demo.make_mlp`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as bnn
+
+NORMS = ("bn", "ghost", "renorm", "group", "none")
+
+
+def norm2d(kind: str, channels: int, **kw) -> nn.Module:
+    """A normalization layer over (N, C, H, W).
+
+    kind: 'bn' (bnkit BatchNorm2d), 'ghost' (GhostBatchNorm, kw virtual_batch_size),
+    'renorm' (BatchRenorm, kw r_max/d_max/momentum), 'group' (torch GroupNorm, kw groups,
+    default 4, lowered to divide `channels`), 'none' (identity).
+
+    Example:
+        >>> type(norm2d("group", 16)).__name__
+        'GroupNorm'
+    """
+    if kind == "bn":
+        return bnn.BatchNorm2d(channels, **kw)
+    if kind == "ghost":
+        return bnn.GhostBatchNorm(channels, **kw)
+    if kind == "renorm":
+        return bnn.BatchRenorm(channels, **kw)
+    if kind == "group":
+        groups = kw.get("groups", 4)
+        while channels % groups:
+            groups -= 1
+        return nn.GroupNorm(groups, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm kind {kind!r}: expected one of {NORMS}; pass one of "
+                     "those names")
+
+
+def make_cnn(widths=(16, 32), norm: str = "bn", classes: int = 10, side: int = 28,
+             seed: int = 0, **norm_kw) -> nn.Sequential:
+    """Two conv blocks [conv3x3 -> norm -> ReLU -> maxpool2] and a linear classifier.
+
+    Convs feeding a norm layer have no bias (the norm's shift replaces it). Weights are
+    drawn after torch.manual_seed(seed), so the same seed gives the same convs for every
+    norm kind.
+
+    Shape: input (N, 1, side, side), output (N, classes).
+
+    Example:
+        >>> make_cnn((4, 8), "bn")(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    torch.manual_seed(seed)
+    layers, c_in = [], 1
+    for width in widths:
+        layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=norm == "none"),
+                   norm2d(norm, width, **norm_kw), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = width
+    side = side // 2 ** len(widths)
+    layers += [nn.Flatten(), nn.Linear(c_in * side * side, classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: relu(x' + bn(conv(relu(bn(conv(x)))))), x' a 1x1 conv + BN when the
+    shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = bnn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = bnn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.short = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       bnn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+def make_resnet(width: int = 16, classes: int = 10, seed: int = 0) -> nn.Sequential:
+    """A small ResNet: stem conv + BN, three basic blocks (width, 2w stride 2, 4w stride 2),
+    global average pooling and a linear classifier.
+
+    Shape: input (N, 1, H, W), output (N, classes).
+
+    Example:
+        >>> make_resnet(4)(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1, bias=False), bnn.BatchNorm2d(width), nn.ReLU(),
+        BasicBlock(width, width), BasicBlock(width, 2 * width, 2),
+        BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes))
+
+
+class RowRNN(nn.Module):
+    """Classify an image read row by row: (N, 1, S, S) -> S steps of S features -> logits.
+
+    `cell` maps (N, T, F) to per-step hidden states (N, T, H) or a tuple whose first item
+    is that (torch.nn.LSTM and bnkit's BNLSTM both do, with batch_first=True).
+    """
+
+    def __init__(self, cell: nn.Module, hidden: int, classes: int = 10) -> None:
+        super().__init__()
+        self.cell, self.head = cell, nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.reshape(len(x), -1, x.shape[-1])  # (N, S, S): step t is row t
+        out = self.cell(seq)
+        out = out[0] if isinstance(out, tuple) else out
+        return self.head(out[:, -1])

@@ -1,0 +1,131 @@
+"""What an experiment hands to the report: a `Section` (claim, figure, table, generated text)
+and the helpers that turn per-seed numbers into "mean ± std (n=3)".
+
+Every number in a report comes from the saved metrics through these helpers, so the text
+is rebuilt identically by `bnkit report RUN_DIR`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+VERDICTS = ("holds", "does not hold", "mixed", "not run", "measured")
+
+
+@dataclass
+class Table:
+    """A small table of already formatted strings: headers (k,), rows (m, k)."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Section:
+    """One experiment's part of the report.
+
+    Attributes:
+        name: CLI name of the experiment (also the PNG file stem).
+        title: heading.
+        claim: the claim under test, one sentence.
+        headline: one line of this run's numbers, for the summary table.
+        verdict: one of VERDICTS, decided from the numbers.
+        paragraphs: text generated from the numbers.
+        table: the numbers behind the figure.
+        figure: a matplotlib Figure or None.
+        config: the resolved experiment config (shown in the report).
+        cells: (finished, planned) cell counts.
+    """
+
+    name: str
+    title: str
+    claim: str
+    headline: str = ""
+    verdict: str = "not run"
+    paragraphs: list[str] = field(default_factory=list)
+    table: Table | None = None
+    figure: object = None
+    config: dict = field(default_factory=dict)
+    cells: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean, sample std (0 for n=1), min, max and count of per-seed values."""
+
+    mean: float
+    std: float
+    lo: float
+    hi: float
+    n: int
+
+
+def spread(values) -> Spread | None:
+    """Summarize finite values (None and NaN dropped); None when nothing is left.
+
+    std is the sample standard deviation sqrt(sum (v - mean)^2 / (n - 1)), 0 for n = 1.
+
+    Example:
+        >>> spread([1.0, 3.0]).std
+        1.4142135623730951
+    """
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None
+    n, mean = len(vals), math.fsum(vals) / len(vals)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return Spread(mean, std, min(vals), max(vals), n)
+
+
+def fmt(values, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    """Format per-seed values as 'mean ± std (n=k)', or 'mean (n=1)'; '–' when empty.
+
+    Example:
+        >>> fmt([0.861, 0.864, 0.858], scale=100)
+        '86.1 ± 0.3 (n=3)'
+    """
+    s = spread(values)
+    if s is None:
+        return "–"
+    mean = f"{s.mean * scale:,.{digits}f}{unit}"
+    if s.n == 1:
+        return f"{mean} (n=1)"
+    return f"{mean} ± {s.std * scale:,.{digits}f} (n={s.n})"
+
+
+def mean(values, default: float = math.nan) -> float:
+    """Mean of the finite values, or `default` when there are none."""
+    s = spread(values)
+    return default if s is None else s.mean
+
+
+def finite(*values: float) -> bool:
+    """True when every value is a finite number (a measured mean, not NaN or inf)."""
+    return all(math.isfinite(v) for v in values)
+
+
+def pct(value: float, digits: int = 1) -> str:
+    """0.861 -> '86.1%'; NaN -> 'n/a'."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.{digits}f}%"
+
+
+def verdict_of(flags: list[bool]) -> str:
+    """'holds' when every check passed, 'does not hold' when none did, else 'mixed'."""
+    if not flags:
+        return "not run"
+    if all(flags):
+        return "holds"
+    return "does not hold" if not any(flags) else "mixed"
+
+
+def by(records: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Group records by variant values: {(variant[k] for k in keys): [records]} in run order."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec["variant"][k] for k in keys), []).append(rec)
+    return groups
+
+
+def metric(records: list[dict], name: str) -> list:
+    """The values of one metric across records (seeds)."""
+    return [rec["metrics"].get(name) for rec in records]

@@ -1,0 +1,402 @@
+"""Tests of `bnkit lab`: every experiment end to end on the tiny generated data set (mini
+profile), the run folder, resume, interrupts, report rebuilds, and the helpers whose numbers
+the report is generated from."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+import bnkit
+from bnkit.lab import EXPERIMENTS, cli, config, corruptions, report, runner, sections, store
+
+
+@pytest.fixture(scope="module")
+def reference_backend():
+    """BN on the reference backend: no kernel compilation in these short runs."""
+    previous = bnkit.get_backend()
+    bnkit.set_backend("reference")
+    yield
+    bnkit.set_backend(previous)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_idx_dir, tmp_path_factory, reference_backend):
+    """One mini run of every experiment (the bench limited to the reference backend)."""
+    from bnkit import bench
+
+    saved = bench.cpu_backends
+    bench.cpu_backends = lambda: ["reference"]  # the bench's numba variant compiles for seconds
+    try:
+        cfg = config.resolve(None, "mini", data=str(tiny_idx_dir))
+        result = runner.run_lab(cfg, tmp_path_factory.mktemp("lab") / "run", progress=False,
+                                strict=True)
+    finally:
+        bench.cpu_backends = saved
+    return cfg, result
+
+
+def _planned(cfg) -> int:
+    return sum(len(config.experiment_module(n).cells(c)) for n, c in
+               cfg["experiments"].items()) * cfg["seeds"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_every_experiment_runs_and_reports(full_run):
+    cfg, result = full_run
+    assert result.status == "finished" and result.errors == 0
+    records = store.read_records(result.run_dir)
+    assert len(records) == _planned(cfg) == result.cells_run
+    assert {r["experiment"] for r in records} == set(EXPERIMENTS)
+    md = result.report_md.read_text()
+    for name in EXPERIMENTS:
+        sec = config.experiment_module(name)
+        assert f"## {list(EXPERIMENTS).index(name) + 1}. {sec.TITLE}" in md
+        assert (result.run_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "could not be built" not in md and "Not run" not in md
+    page = result.report_html.read_text()
+    assert page.count('src="data:image/png;base64,') == len(EXPERIMENTS)
+    assert "<img" in page and 'src="plots/' not in page  # self-contained
+
+
+def test_run_folder_holds_config_env_and_run_status(full_run):
+    cfg, result = full_run
+    d = result.run_dir
+    assert store.read_json(d / "config.json") == cfg
+    env = store.read_json(d / "env.json")
+    assert env["threads"] == 1 and env["cpu_count"] >= 1
+    assert env["packages"]["torch"] == importlib.metadata.version("torch")
+    run = store.read_json(d / "run.json")
+    assert run["status"] == "finished" and len(run["sessions"]) == 1
+    assert run["sessions"][0]["cells_run"] == _planned(cfg)
+    assert "wall time" in result.report_md.read_text()
+
+
+def test_cell_metrics_are_consistent_with_their_curves(full_run):
+    """Derived metrics equal what the saved curves imply (recomputed here)."""
+    cfg, result = full_run
+    recs = store.read_records(result.run_dir)
+    conv = cfg["experiments"]["convergence"]
+    for r in (r for r in recs if r["experiment"] == "convergence"):
+        m = r["metrics"]
+        hit = next((s for s, a in zip(m["steps"], m["acc"]) if a >= conv["target"]), None)
+        assert m["steps_to_target"] == hit and m["final_acc"] == m["acc"][-1]
+        assert all(lo <= mid <= hi for lo, mid, hi in zip(m["p15"], m["p50"], m["p85"]))
+    for r in (r for r in recs if r["experiment"] == "robustness"):
+        for method, accs in r["metrics"]["acc"].items():
+            assert r["metrics"]["mean_err"][method] == pytest.approx(1 - statistics.mean(accs))
+    for r in (r for r in recs if r["experiment"] == "inference"):
+        assert r["metrics"]["max_rel_diff"] < 1e-4  # folding is exact up to rounding
+        assert r["metrics"]["speedup"] == pytest.approx(
+            r["metrics"]["ms_bn"] / r["metrics"]["ms_folded"])
+
+
+def test_report_command_rebuilds_the_same_report(full_run, capsys):
+    _, result = full_run
+    before = result.report_md.read_text()
+    result.report_md.unlink()
+    assert cli.cli(["report", str(result.run_dir)]) == 0
+    assert result.report_md.read_text() == before
+    assert str(result.report_html) in capsys.readouterr().out
+
+
+def test_summary_numbers_come_from_the_metrics(full_run, tmp_path):
+    """Edit the saved metrics, rebuild: the generated text follows the new numbers."""
+    import shutil
+
+    _, result = full_run
+    d = tmp_path / "copy"
+    shutil.copytree(result.run_dir, d)
+    cfg = store.read_json(d / "config.json")  # rebuild only this experiment: faster
+    cfg["experiments"] = {"recurrent": cfg["experiments"]["recurrent"]}
+    store.write_json(d / "config.json", cfg)
+    lines = []
+    for rec in store.read_records(d):
+        if rec["experiment"] == "recurrent":
+            acc = 0.9 if rec["variant"]["cell"] == "bnlstm" else 0.2
+            rec["metrics"]["acc"][-1] = rec["metrics"]["final_acc"] = acc
+        lines.append(json.dumps(rec))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    md = report.build(d)[0].read_text()
+    assert "BN-LSTM 90.0% test accuracy, LSTM 20.0%" in md
+    assert "The claim holds in this short run." in md
+    lines = [json.dumps({**r, "metrics": {**r["metrics"], "final_acc": 0.1}})
+             if r["experiment"] == "recurrent" and r["variant"]["cell"] == "bnlstm"
+             else json.dumps(r) for r in store.read_records(d)]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert "The claim does NOT hold in this short run." in report.build(d)[0].read_text()
+
+
+# ----------------------------------------------------------------------------- interrupt, resume
+
+def _mini(tiny_idx_dir, names=("convergence", "init")):
+    return config.resolve(list(names), "mini", data=str(tiny_idx_dir))
+
+
+def test_interrupt_keeps_finished_cells_and_resume_runs_the_rest(tiny_idx_dir, tmp_path,
+                                                                monkeypatch, reference_backend):
+    from bnkit.lab import init as init_exp
+
+    real, calls = init_exp.run_cell, []
+
+    def flaky(ctx, cfg, variant, seed):
+        calls.append(variant)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(ctx, cfg, variant, seed)
+
+    monkeypatch.setattr(init_exp, "run_cell", flaky)
+    cfg = _mini(tiny_idx_dir)
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False, strict=True)
+    assert res.status == "interrupted"
+    done = store.read_records(res.run_dir)
+    assert res.cells_run == len(done)
+    n_conv = len(config.experiment_module("convergence").cells(cfg["experiments"]["convergence"]))
+    assert len(done) == n_conv + 1  # every convergence cell and the first init cell
+    md = res.report_md.read_text()
+    assert "PARTIAL report" in md and f"| 1/{len(init_exp.cells(cfg['experiments']['init']))} |" in md
+    monkeypatch.setattr(init_exp, "run_cell", real)
+    calls.clear()
+    again = runner.run_lab({}, res.run_dir, resume=True, progress=False, strict=True)
+    assert again.status == "finished" and again.cells_run == _planned(cfg) - len(done)
+    final = store.read_records(res.run_dir)
+    assert len(final) == _planned(cfg)
+    assert final[:len(done)] == done  # finished cells untouched
+    run = store.read_json(res.run_dir / "run.json")
+    assert [(s["status"], s["cells_run"]) for s in run["sessions"]] == [
+        ("interrupted", len(done)), ("finished", _planned(cfg) - len(done))]
+    assert "PARTIAL" not in again.report_md.read_text()
+
+
+def test_resume_of_a_finished_run_runs_nothing(tiny_idx_dir, tmp_path, reference_backend):
+    cfg = _mini(tiny_idx_dir, ["init"])
+    first = runner.run_lab(cfg, tmp_path / "run", progress=False, strict=True)
+    again = runner.run_lab({}, first.run_dir, resume=True, progress=False, strict=True)
+    assert again.cells_run == 0 and again.status == "finished"
+    assert len(store.read_records(first.run_dir)) == _planned(cfg)
+
+
+def test_failing_cell_is_recorded_and_the_run_goes_on(tiny_idx_dir, tmp_path, monkeypatch,
+                                                      reference_backend):
+    from bnkit.lab import init as init_exp
+
+    def broken(ctx, cfg, variant, seed):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(init_exp, "run_cell", broken)
+    cfg = _mini(tiny_idx_dir)
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False)
+    n_init = len(init_exp.cells(cfg["experiments"]["init"]))
+    assert res.status == "failed" and res.errors == n_init
+    assert "Cell failed: init|" in res.report_md.read_text() and "RuntimeError: boom" in \
+        res.report_md.read_text()
+
+
+# ----------------------------------------------------------------------------- CLI and config
+
+def test_cli_lab_runs_and_prints_the_summary(tiny_idx_dir, tmp_path, capsys, reference_backend):
+    out = tmp_path / "run"
+    code = cli.cli(["lab", "init", "--mini", "--data", str(tiny_idx_dir), "--out", str(out),
+                    "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0 and "## Summary" in text and str(out / "report.html") in text
+    assert (out / "report.md").exists()
+
+
+def test_bnkit_command_registers_lab_and_report():
+    from bnkit import cli as main_cli
+
+    parser = main_cli.build_parser()
+    args = parser.parse_args(["lab", "init", "--full", "--seeds", "4"])
+    assert (args.command, args.experiments, args.profile, args.seeds) == ("lab", ["init"],
+                                                                          "full", 4)
+    assert parser.parse_args(["report", "some/dir"]).run_dir == "some/dir"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["lab", "nope"], ["unknown experiment 'nope'", "convergence"]),
+    (["lab", "init", "--full", "--seeds", "2"], ["at least 3 seeds", "got 2"]),
+])
+def test_cli_rejects_bad_arguments(argv, words):
+    with pytest.raises(ValueError) as err:
+        cli.cli(argv)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_resume_refuses_new_options(tmp_path):
+    with pytest.raises(ValueError, match="--resume continues a run .* no EXPERIMENT, --seeds"):
+        cli.cli(["lab", "init", "--seeds", "2", "--resume", str(tmp_path)])
+
+
+def test_report_of_a_folder_without_a_run_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="not a lab run folder: it has no config.json"):
+        cli.cli(["report", str(tmp_path)])
+
+
+def test_new_run_refuses_a_folder_holding_a_run(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a lab run; continue it with --resume"):
+        runner.new_run_dir(tmp_path)
+
+
+def test_resolve_defaults_and_errors():
+    cfg = config.resolve()
+    assert list(cfg["experiments"]) == list(EXPERIMENTS)
+    assert (cfg["profile"], cfg["seeds"], cfg["threads"]) == ("quick", 1, 1)
+    assert config.resolve(["init"], "full")["seeds"] == 3
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['stepz'\]"):
+        config.resolve(["init"], overrides={"init": {"stepz": 3}})
+    with pytest.raises(ValueError, match="overrides name experiments that are not run"):
+        config.resolve(["init"], overrides={"convergence": {"steps": 3}})
+    with pytest.raises(ValueError, match="profile must be one of"):
+        config.resolve(profile="huge")
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        config.resolve(threads=0)
+    with pytest.raises(ValueError, match="experiment names must be unique"):
+        config.resolve(["init", "init"])
+
+
+def test_overrides_reach_the_cells():
+    cfg = config.resolve(["convergence"], "mini", overrides={"convergence": {"lrs": [0.3]}})
+    cells = config.experiment_module("convergence").cells(cfg["experiments"]["convergence"])
+    assert cells == [{"lr": 0.3, "bn": False}, {"lr": 0.3, "bn": True}]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_spread_and_fmt_match_statistics():
+    vals = [0.861, 0.864, 0.858, None, math.nan]
+    s = sections.spread(vals)
+    finite = [0.861, 0.864, 0.858]
+    assert (s.n, s.lo, s.hi) == (3, 0.858, 0.864)
+    assert s.mean == pytest.approx(statistics.mean(finite))
+    assert s.std == pytest.approx(statistics.stdev(finite))
+    assert sections.fmt(vals, 100) == (f"{100 * statistics.mean(finite):.1f} ± "
+                                       f"{100 * statistics.stdev(finite):.1f} (n=3)")
+    assert sections.fmt([0.5]) == "0.5 (n=1)" and sections.fmt([]) == "–"
+    assert sections.verdict_of([True, False]) == "mixed"
+    assert sections.verdict_of([False]) == "does not hold"
+    assert sections.verdict_of([]) == "not run"
+
+
+def test_records_ignore_torn_lines_and_keep_the_last_duplicate(tmp_path):
+    a = {"key": "a", "experiment": "x", "metrics": {"v": 1}}
+    store.append_record(tmp_path, a)
+    store.append_record(tmp_path, {**a, "metrics": {"v": 2}})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"key": "b", "experim')  # killed while writing
+    assert store.read_records(tmp_path) == [{**a, "metrics": {"v": 2}}]
+    assert store.cell_key("e", {"b": 1, "a": 2}, 3) == store.cell_key("e", {"a": 2, "b": 1}, 3)
+
+
+def test_duration_text():
+    assert report.duration(9.25) == "9.2 s" and report.duration(61.5) == "1 min 2 s"
+
+
+def test_corruptions_match_their_formulas():
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    c = corruptions.LEVELS["contrast"][2]
+    torch.testing.assert_close(corruptions.corrupt(x, "contrast", 3), (x - m) * c + m)
+    b = corruptions.LEVELS["brightness"][4]
+    torch.testing.assert_close(corruptions.corrupt(x, "brightness", 5), (x + b).clamp(0, 1))
+    flat = torch.full((2, 1, 28, 28), 0.3)
+    torch.testing.assert_close(corruptions.corrupt(flat, "pixelate", 5), flat)
+    inner = corruptions.corrupt(flat, "blur", 5)[..., 6:-6, 6:-6]  # away from the zero padding
+    torch.testing.assert_close(inner, torch.full_like(inner, 0.3))
+    p = corruptions.LEVELS["impulse_noise"][4]
+    big = torch.full((1, 1, 200, 200), 0.5)
+    frac = (corruptions.corrupt(big, "impulse_noise", 5) != 0.5).double().mean().item()
+    assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / big.numel())
+    noisy = corruptions.corrupt(big, "gaussian_noise", 1, seed=3)
+    assert abs((noisy - 0.5).std().item() - corruptions.LEVELS["gaussian_noise"][0]) < 0.005
+    torch.testing.assert_close(corruptions.corrupt(x, "blur", 0), x)
+
+
+def test_corrupt_rejects_unknown_names_and_severities():
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown corruption 'fog'"):
+        corruptions.corrupt(x, "fog", 1)
+    with pytest.raises(ValueError, match=r"severity must be an int in 0..5 \(got 6\)"):
+        corruptions.corrupt(x, "blur", 6)
+
+
+def test_convergence_text_says_when_the_claim_fails():
+    """Synthetic records where BN is slower: the generated text must say so."""
+    from bnkit.lab import convergence
+
+    cfg = {**convergence.PROFILES["mini"], "lrs": [0.1]}
+
+    def rec(bn, hit, p50):
+        return {"variant": {"lr": 0.1, "bn": bn}, "metrics": {
+            "steps": [10, 20, 30], "acc": [0.1, 0.5, 0.6], "loss": [1, 1, 1],
+            "p15": [p - 1 for p in p50], "p50": p50, "p85": [p + 1 for p in p50],
+            "final_acc": 0.6, "steps_to_target": hit, "ms_per_step": 1.0}}
+
+    sec = convergence.summarize(cfg, [rec(False, 10, [0.0, 0.0, 0.1]),
+                                      rec(True, 30, [0.0, 1.0, 2.0])])
+    text = " ".join(sec.paragraphs)
+    assert sec.verdict == "does not hold"
+    assert "With BN, 30% test accuracy after 30 steps; without, after 10 steps (ratio 0.3x)" in text
+    assert "does NOT hold" in text and "no BN first: 0.1" in text
+
+
+def test_micro_batches_sum_to_the_full_batch_gradient():
+    """Without batch statistics, k-example chunks give exactly the batch-of-B gradient."""
+    from bnkit.lab.train import _step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    loss_full = _step(model, x, y, None)
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_micro = _step(model, x, y, 2)
+    assert loss_micro == pytest.approx(loss_full, rel=1e-12)
+    for g, p in zip(full, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+
+
+def test_micro_batches_give_bn_k_examples():
+    """BN over micro-batches of k equals GhostBN-style per-chunk normalization (oracle:
+    torch's batch_norm on each chunk in float64)."""
+    from bnkit.lab.models import norm2d
+
+    bn = norm2d("bn", 3).double()
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64) * 2 + 1
+    out = torch.cat([bn(c) for c in x.split(2)])
+    ref = torch.cat([torch.nn.functional.batch_norm(c, None, None, training=True)
+                     for c in x.split(2)])
+    torch.testing.assert_close(out, ref)
+
+
+def test_lab_helpers_reject_bad_input():
+    from bnkit.lab.models import norm2d
+    from bnkit.lab.train import fit, images
+
+    with pytest.raises(ValueError, match="unknown norm kind 'batch'.*pass one of those"):
+        norm2d("batch", 4)
+    with pytest.raises(ValueError, match=r"square images flattened to S\*S features \(got 10"):
+        images(torch.zeros(2, 10))
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"batch must be at most the number .* \(4\), got 8"):
+        fit(model, torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), steps=1, batch=8, lr=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_missing_dependency_skips_the_experiment_and_says_why(tiny_idx_dir, tmp_path,
+                                                              monkeypatch, reference_backend):
+    from bnkit.lab import recurrent
+
+    monkeypatch.setattr(recurrent, "requires", lambda cfg: "bnkit.nn has no BNLSTM yet")
+    cfg = config.resolve(["recurrent"], "mini", data=str(tiny_idx_dir))
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False, strict=True)
+    md = res.report_md.read_text()
+    assert res.cells_run == 0 and "Not run: bnkit.nn has no BNLSTM yet." in md
+    assert "| not run |" in md
