@@ -2,6 +2,8 @@
 
 import pytest
 
+import bnkit.data.fashion_mnist as fm
+
 
 @pytest.fixture(scope="session")
 def tiny_idx_dir(tmp_path_factory):
@@ -9,3 +11,14 @@ def tiny_idx_dir(tmp_path_factory):
     from bnkit.data import make_fake_fashion_mnist
 
     return make_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Hide every real dataset location: empty HOME, no BNKIT_DATA, missing system folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("BNKIT_DATA", raising=False)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
+    return tmp_path

@@ -7,19 +7,7 @@ import pytest
 import torch
 
 import bnkit
-import bnkit.data.fashion_mnist as fm
 from bnkit import cli
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """Hide every real dataset location: empty HOME, no BNKIT_DATA, missing system folder."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("BNKIT_DATA", raising=False)
-    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
-    return tmp_path
 
 
 @pytest.fixture

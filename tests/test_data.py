@@ -24,15 +24,6 @@ REAL_DIR = "/usr/share/datasets/fashion-mnist"
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """Hide every real dataset location: empty HOME, no BNKIT_DATA, missing system folder."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("BNKIT_DATA", raising=False)
-    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
-    return tmp_path
 
 
 def _sample(dtype):

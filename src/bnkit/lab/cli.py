@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import _positive_int as _positive
 from .config import EXPERIMENTS, resolve
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
