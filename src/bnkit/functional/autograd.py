@@ -68,11 +68,16 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
     elementwise step."""
     backend = kernels.select(x, axis, mask)
     invstd = torch.rsqrt(var + eps)
-    if act != "identity":
-        dy = backend.act_backward(dy, x, mean, invstd, weight, bias, axis, act)
-    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean, axis)
-    dx = backend.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis,
-                                mask, training)
+    fused = getattr(backend, "fused_backward", None)
+    if fused is not None:  # the backend's one-call form of the three steps below
+        dx, sum_dy, sum_dy_xmu = fused(dy, x, mean, invstd, weight, bias, count, axis, mask,
+                                       training, act)
+    else:
+        if act != "identity":
+            dy = backend.act_backward(dy, x, mean, invstd, weight, bias, axis, act)
+        sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean, axis)
+        dx = backend.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                                    axis, mask, training)
     dweight, dbias = grad_affine(sum_dy, sum_dy_xmu, invstd)
     pdt = weight.dtype if weight is not None else x.dtype
     return dx, dweight.to(pdt), dbias.to(pdt)

@@ -1,10 +1,21 @@
 """Backends behind one dispatch.
 
-A backend is a module with `NAME`, `available()`, `supports(x, axis, mask)` and the four
-primitives of the core: `batch_stats`, `normalize`, `backward_reduce`, `backward_elemt`
-(same signatures as in `bnkit.functional`). `auto` (the default) picks, per call, the first
-available backend in `_AUTO_ORDER` that supports the input, and `reference` otherwise.
-Choose with `bnkit.set_backend(name)` or the `BNKIT_BACKEND` environment variable.
+A backend is a module with `NAME`, `available()`, `supports(x, axis, mask)`, `status()` and
+the primitives of the core with the reference signatures: `batch_stats`, `normalize`,
+`backward_reduce`, `backward_elemt`, `act_backward`. The custom ops in
+`bnkit.functional.autograd` ask `select(x, axis, mask)` for the module, once per call.
+
+Choosing: `bnkit.set_backend(name)` or the `BNKIT_BACKEND` environment variable (read on
+first use; `set_backend` overrides it). 'auto' (the default) takes, per call, the first
+available backend in `_AUTO_ORDER` (fastest first) whose `supports()` accepts the input,
+else 'reference'. A named backend runs every input it supports; the rest runs on
+'reference', so no input is refused. See docs/backends.md.
+
+Example:
+    >>> import bnkit
+    >>> bnkit.set_backend("reference"); bnkit.get_backend()
+    'reference'
+    >>> bnkit.set_backend("auto")
 """
 from __future__ import annotations
 
@@ -15,8 +26,11 @@ from . import reference
 
 _KNOWN = ("reference", "cpu", "triton")
 _AUTO_ORDER = ("triton", "cpu")
+_EXTRAS = {"cpu": "bnkit[fast] (numba)", "triton": "bnkit[gpu] (triton and a CUDA GPU)"}
 _loaded: dict[str, object] = {"reference": reference}
-_current = os.environ.get("BNKIT_BACKEND", "auto")
+_why: dict[str, str] = {}  # why a backend is unavailable
+_current: str | None = None  # None until BNKIT_BACKEND is read (first use)
+_auto: tuple | None = None  # the available modules of _AUTO_ORDER, loaded once
 
 
 def _load(name: str):
@@ -24,9 +38,12 @@ def _load(name: str):
     if name not in _loaded:
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
-        except ImportError:
-            mod = None
-        _loaded[name] = mod if mod is not None and mod.available() else None
+            ok = mod.available()
+            _why[name] = "" if ok else "available() is False on this machine"
+        except ImportError as err:
+            mod, ok = None, False
+            _why[name] = f"import failed: {err}"
+        _loaded[name] = mod if ok else None
     return _loaded[name]
 
 
@@ -35,31 +52,59 @@ def available_backends() -> list[str]:
     return [n for n in _KNOWN if _load(n) is not None]
 
 
-def set_backend(name: str) -> None:
-    """Select the backend: 'auto', 'reference', 'cpu' or 'triton'."""
-    if name != "auto" and name not in _KNOWN:
-        raise ValueError(f"unknown backend {name!r}: expected one of 'auto', "
+def _validated(name, source: str) -> str:
+    """`name` checked against the known and available backends; `source` names the setting."""
+    if not isinstance(name, str) or name not in ("auto",) + _KNOWN:
+        raise ValueError(f"unknown backend {name!r} from {source}: expected one of 'auto', "
                          f"{', '.join(repr(k) for k in _KNOWN)}")
     if name != "auto" and _load(name) is None:
-        raise ValueError(f"backend {name!r} is not available here (available: "
-                         f"{available_backends()}); install it with `pip install bnkit[fast]` "
-                         "for 'cpu' or `bnkit[gpu]` for 'triton', or use 'auto'")
+        raise ValueError(f"backend {name!r} from {source} is not available here "
+                         f"({_why[name]}; available: {available_backends()}); install "
+                         f"{_EXTRAS.get(name, 'its dependency')} or use 'auto'")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend: 'auto', 'reference', 'cpu' or 'triton' (overrides BNKIT_BACKEND)."""
     global _current
-    _current = name
+    _current = _validated(name, "set_backend()")
 
 
 def get_backend() -> str:
-    """The selected backend name ('auto' unless set)."""
+    """The selected backend name ('auto' unless set or given by BNKIT_BACKEND)."""
+    global _current
+    if _current is None:
+        raw = os.environ.get("BNKIT_BACKEND", "").strip().lower() or "auto"
+        _current = _validated(raw, "the BNKIT_BACKEND environment variable")
     return _current
 
 
+def _auto_modules() -> tuple:
+    global _auto
+    if _auto is None:
+        _auto = tuple(m for m in map(_load, _AUTO_ORDER) if m is not None)
+    return _auto
+
+
 def select(x, axis: int, mask=None):
-    """The backend module that will run this input."""
-    if _current != "auto":
-        mod = _load(_current)
-        return mod if mod is not None and mod.supports(x, axis, mask) else reference
-    for name in _AUTO_ORDER:
+    """The backend module that will run this input (device, dtype, layout, mask)."""
+    name = _current or get_backend()
+    if name == "auto":
+        for mod in _auto or _auto_modules():
+            if mod.supports(x, axis, mask):
+                return mod
+        return reference
+    mod = _loaded[name]
+    return mod if mod.supports(x, axis, mask) else reference
+
+
+def backend_status() -> dict[str, str]:
+    """{name: one-line status} for every known backend, e.g. for `bnkit info`."""
+    out = {}
+    for name in _KNOWN:
         mod = _load(name)
-        if mod is not None and mod.supports(x, axis, mask):
-            return mod
-    return reference
+        if mod is None:
+            out[name] = f"unavailable: {_why[name]}"
+        else:
+            out[name] = getattr(mod, "status", lambda: "available")()
+    return out
