@@ -8,7 +8,10 @@ the elementwise backward, activations other than identity/relu, non-dense layout
 out unlike x) run on the reference primitives inside the same call, so any input gets the
 right answer. `fused_backward` runs the whole backward in one call (the core's backward op
 uses it when a backend has one): per channel, the sums and then dx while the channel is
-still in cache. The first call of each kernel compiles it (or loads numba's on-disk cache);
+still in cache. On one thread (small inputs, or torch.set_num_threads(1)) `fused_forward`
+and `fused_backward_op` run the whole forward / backward op (statistics, coefficients,
+output; sums, dx, dweight, dbias) in one serial call each: at (60, 100) the torch ops
+around the kernels, not the arithmetic, are the cost. The first call of each kernel compiles it (or loads numba's on-disk cache);
 `warmup()` does all of them at once and `status()` says which applies.
 
 Example:
@@ -24,6 +27,7 @@ from __future__ import annotations
 import threading
 
 import numba
+import numpy as np
 import torch
 
 from ..functional.backward import elemt_coeffs
@@ -36,7 +40,8 @@ from .cpu_cache import cache_report
 
 NAME = "cpu"
 __all__ = ["NAME", "act_backward", "available", "backward_elemt", "backward_reduce",
-           "batch_stats", "fused_backward", "normalize", "status", "supports", "warmup"]
+           "batch_stats", "fused_backward", "fused_backward_op", "fused_forward", "normalize", "status", "supports",
+           "warmup"]
 
 MIN_NUMEL = 4096  # below this `supports()` says no: both paths cost the same (bench)
 PARALLEL_MIN = 32768  # below this the kernels run on one thread (no wake-up cost)
@@ -44,6 +49,7 @@ FUSE_BYTES = 8 << 20  # a channel's dy + x up to this stays cached for fused_bac
 _DTYPES = (torch.float32, torch.float64)
 _FAST_ACTS = ("identity", "relu")
 _local = threading.local()
+_NO_PARAM = {dt: torch.empty(1, dtype=dt).numpy() for dt in _DTYPES}  # stands in for None
 
 
 def available() -> bool:
@@ -73,11 +79,13 @@ def _fast(x, axis):
 def _threads(numel: int) -> int:
     """Use torch's thread count (one thread for small inputs); returns it. numba's setting
     is per calling thread, so the last value set is remembered per thread."""
-    n = 1 if numel < PARALLEL_MIN else min(torch.get_num_threads(),
-                                            numba.config.NUMBA_NUM_THREADS)
+    want = torch.get_num_threads()
+    n = 1 if numel < PARALLEL_MIN else min(want, numba.config.NUMBA_NUM_THREADS)
     if getattr(_local, "threads", None) != n:
         numba.set_num_threads(n)
         _local.threads = n
+        if torch.get_num_threads() != want:  # numba's OpenMP layer, starting, resets the
+            torch.set_num_threads(want)  # process-wide count torch reads: put it back
     return n
 
 
@@ -160,6 +168,76 @@ def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=
     return dx
 
 
+def _param(t, x):
+    """(numpy view, present) of an optional (C,) weight or bias, float32/float64 kept as is
+    (the kernels widen it to float64 exactly as `affine_coeffs` does)."""
+    if t is None:
+        return _NO_PARAM[x.dtype], False
+    return _vec(t, t.dtype if t.dtype in _DTYPES else torch.float64), True
+
+
+def _small(lay, x) -> bool:
+    """One serial call covers the input: a fast layout on one thread."""
+    return lay is not None and _threads(x.numel()) == 1
+
+
+def fused_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis=1,
+                  act="identity"):
+    """The forward op in one serial kernel -> (y, mean, var, count), the core's results
+    (float64 two-pass corrected statistics, `affine_coeffs`' coefficients), or None when the
+    input needs the primitives (a mask, an activation, many threads, a layout the kernels do
+    not take; activations keep the primitives' path, as the backward does)."""
+    lay = _fast(x, axis)
+    if mask is not None or act != "identity" or not _small(lay, x):
+        return None
+    _, outer, c, inner = lay
+    f64 = torch.float64
+    if training:  # numpy allocates ~5x faster than torch at this size
+        m, v, n = np.empty(c), np.empty(c), float(outer * inner)
+    else:  # copies: the outputs must not alias the buffers
+        m, v, n = _vec(running_mean, f64).copy(), _vec(running_var, f64).copy(), 0.0
+    y = L.empty_like(x)
+    (w, has_w), (b, has_b) = _param(weight, x), _param(bias, x)
+    K.small_fwd(L.flat(x), L.flat(y), outer, c, inner, w, b, has_w, has_b, float(eps),
+                bool(training), False, m, v)
+    return y, torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(np.array(n))
+
+
+def _small_backward(lay, dy, x, mean, invstd, weight, count, training, dw=None, db=None,
+                    eps=None):
+    """-> (dx, sum_dy, sum_dy_xmu) from one serial kernel (identity activation, no mask),
+    also filling the numpy arrays dw, db with dweight, dbias when given. With an eps,
+    `invstd` holds var instead (the kernel takes 1/sqrt(var + eps))."""
+    _, outer, c, inner = lay
+    f64 = torch.float64
+    s_dy, s_dyx = np.empty(c), np.empty(c)
+    dx = L.empty_like(dy)
+    w, has_w = _param(weight, x)
+    none = _NO_PARAM[torch.float64][:0]
+    K.small_bwd(L.flat(dy), L.flat(x), L.flat(dx), outer, c, inner, _vec(mean, f64),
+                _vec(invstd, f64), eps is not None, float(eps or 0.0), w, has_w, float(count), bool(training), s_dy, s_dyx,
+                none if dw is None else dw, none if db is None else db)
+    return dx, torch.from_numpy(s_dy), torch.from_numpy(s_dyx)
+
+
+def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps, axis=1,
+                      act="identity"):
+    """The backward op in one serial kernel -> (dx, dweight, dbias), or None when the input
+    needs `fused_backward` (a mask, an activation, many threads, a layout the kernels do
+    not take). dweight, dbias have the parameters' dtype (x's without weight)."""
+    lay = _fast(x, axis)
+    if mask is not None or act != "identity" or not _small(lay, x) or dy.shape != x.shape:
+        return None
+    pdt = weight.dtype if weight is not None else x.dtype
+    if pdt not in _DTYPES:
+        return None
+    if not L.same_layout(x, dy):  # e.g. the expanded dy of y.sum(): a small copy
+        dy = torch.empty_like(x).copy_(dy)
+    dw, db = (np.empty(lay[2], dtype=_NO_PARAM[pdt].dtype) for _ in range(2))
+    dx, _, _ = _small_backward(lay, dy, x, mean, var, weight, count, training, dw, db, eps)
+    return dx, torch.from_numpy(dw), torch.from_numpy(db)
+
+
 def fused_backward(dy, x, mean, invstd, weight, bias, count, axis=1, mask=None, training=True,
                    act="identity"):
     """act_backward, backward_reduce and backward_elemt in one call -> (dx, sum_dy, sum_dy_xmu).
@@ -170,12 +248,21 @@ def fused_backward(dy, x, mean, invstd, weight, bias, count, axis=1, mask=None, 
     backend's three primitives in turn, as the core's backward op runs them.
     """
     lay = _fast(x, axis)
+    if mask is None and act == "identity" and _small(lay, x) and dy.shape == x.shape:
+        if not L.same_layout(x, dy):  # e.g. the expanded dy of y.sum(): a small copy
+            dy = torch.empty_like(x).copy_(dy)
+        return _small_backward(lay, dy, x, mean, invstd, weight, count, training)
     if not _fusable(lay, dy, x, mask, training, act):
         if act != "identity":
             dy = act_backward(dy, x, mean, invstd, weight, bias, axis, act)
         sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis)
         return (backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis,
                                mask, training), sum_dy, sum_dy_xmu)
+    return _cf_fused_backward(lay, dy, x, mean, invstd, weight, count)
+
+
+def _cf_fused_backward(lay, dy, x, mean, invstd, weight, count):
+    """-> (dx, sum_dy, sum_dy_xmu) from cf_fused_bwd, one task per channel (training)."""
     _, outer, c, inner = lay
     f64 = torch.float64
     w = _vec(weight, f64) if weight is not None else torch.ones(c, dtype=f64).numpy()
@@ -220,8 +307,11 @@ def warmup() -> str:
             sums = backward_reduce(x, x, mean, axis)
             backward_elemt(x, x, mean, invstd, w, *sums, count, axis)
             fused_backward(x, x, mean, invstd, w, w, count, axis)
+            fused_forward(x, w, w, None, None, None, True, 1e-5, axis)
+            if x.dim() == 3:  # small inputs take small_bwd inside fused_backward
+                _cf_fused_backward(L.resolve(x, axis), x, x, mean, invstd, w, count)
     return status()
 
 
 _KERNELS = (K.cf_stats, K.cl_stats, K.cf_dy_sums, K.cl_dy_sums, K.cf_normalize,
-            K.cl_normalize, K.cf_elemt, K.cl_elemt, K.cf_fused_bwd)
+            K.cl_normalize, K.cf_elemt, K.cl_elemt, K.cf_fused_bwd, K.small_fwd, K.small_bwd)

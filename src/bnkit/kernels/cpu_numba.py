@@ -329,3 +329,162 @@ def cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, w, n, sum_dy, sum_dy_
             dys, xs, dxs = dy[i0:i0 + inner], x[i0:i0 + inner], dx[i0:i0 + inner]
             for j in range(inner):
                 dxs[j] = (cc + (xs[j] - m) * kc) + dys[j] * ac
+
+
+# ---- small inputs: the whole forward or backward in one serial call ------------------------
+# One thread, (outer, C, inner) with inner == 1 for the cl layout (channels are then the
+# contiguous SIMD lanes). Statistics are the single-chunk case of cf_stats / cl_stats:
+# float64 two-pass with the rounded-mean correction, so the core's guarantees hold.
+
+
+@njit(**_SERIAL)
+def _channel_sums(x, outer, C, inner, shift, out_s, out_q):
+    """Per channel: out_s = sum (x - shift), out_q = sum (x - shift)^2, in float64."""
+    out_s[:] = 0.0
+    out_q[:] = 0.0
+    for o in range(outer):
+        if inner == 1:
+            xr = x[o * C:(o + 1) * C]
+            for c in range(C):
+                d = np.float64(xr[c]) - shift[c]
+                out_s[c] += d
+                out_q[c] += d * d
+        else:
+            for c in range(C):
+                i0 = (o * C + c) * inner
+                a, b = _sqdev(x[i0:i0 + inner], shift[c])
+                out_s[c] += b
+                out_q[c] += a
+
+
+@njit(**_SERIAL)
+def _affine(mean, var, eps, w, b, has_w, has_b, like):
+    """Scalar (mean_hi, scale, shift) of one channel in `like`'s dtype, float64 math in the
+    operation order of bnkit.functional.normalize.affine_coeffs (invstd = 1/sqrt(var+eps))."""
+    scale = 1.0 / np.sqrt(var + eps)
+    if has_w:
+        scale = scale * np.float64(w)
+    mean_hi = like.dtype.type(mean)
+    shift = -(mean - np.float64(mean_hi)) * scale
+    if has_b:
+        shift = shift + np.float64(b)
+    return mean_hi, like.dtype.type(scale), like.dtype.type(shift)
+
+
+@njit(**_SERIAL)
+def small_fwd(x, y, outer, C, inner, w, b, has_w, has_b, eps, training, relu, mean, var):
+    """y = act((x - mean_hi) scale + shift) per channel; with `training`, mean and var (C,)
+    float64 are first filled with the batch statistics, else they hold the running ones."""
+    if training:
+        n = outer * inner
+        zero = np.zeros(C)
+        s = np.empty(C)
+        q = np.empty(C)
+        _channel_sums(x, outer, C, inner, zero, s, q)  # pass 1: the sums
+        m0 = s / n
+        _channel_sums(x, outer, C, inner, m0, s, q)  # pass 2: deviations from the mean
+        for c in range(C):
+            mu, m2 = _corrected(m0[c], q[c], s[c], n)
+            mean[c], var[c] = mu, m2 / n
+    mh = np.empty(C, x.dtype)
+    sc = np.empty(C, x.dtype)
+    sh = np.empty(C, x.dtype)
+    for c in range(C):
+        mh[c], sc[c], sh[c] = _affine(mean[c], var[c], eps, w[c] if has_w else 1.0,
+                                      b[c] if has_b else 0.0, has_w, has_b, x)
+    _apply(x, y, outer, C, inner, mh, sc, sh, relu)
+
+
+@njit(**_SERIAL)
+def _apply(x, y, outer, C, inner, mh, sc, sh, relu):
+    """y = (x - mh[c]) sc[c] + sh[c], then max(y, 0) if relu (NaN stays NaN)."""
+    if inner == 1:  # cl: the same loops as cl_normalize, one task
+        cl_normalize_rows(x, y, 0, outer, C, mh, sc, sh, relu)
+        return
+    zero = x.dtype.type(0)
+    for o in range(outer):
+        for c in range(C):
+            i0 = (o * C + c) * inner
+            m, a, h = mh[c], sc[c], sh[c]
+            xs, ys = x[i0:i0 + inner], y[i0:i0 + inner]
+            if relu:
+                for k in range(inner):
+                    ys[k] = np.maximum((xs[k] - m) * a + h, zero)
+            else:
+                for k in range(inner):
+                    ys[k] = (xs[k] - m) * a + h
+
+
+@njit(**_SERIAL)
+def cl_normalize_rows(x, y, m0, m1, C, mean_hi, scale, shift, relu):
+    """Rows [m0, m1) of cl_normalize."""
+    zero = x.dtype.type(0)
+    for m in range(m0, m1):
+        xr, yr = x[m * C:(m + 1) * C], y[m * C:(m + 1) * C]
+        if relu:
+            for c in range(C):
+                yr[c] = np.maximum((xr[c] - mean_hi[c]) * scale[c] + shift[c], zero)
+        else:
+            for c in range(C):
+                yr[c] = (xr[c] - mean_hi[c]) * scale[c] + shift[c]
+
+
+@njit(**_SERIAL)
+def small_bwd(dy, x, dx, outer, C, inner, mean, s, from_var, eps, w, has_w, n, training,
+              sum_dy, sum_dy_xmu, dw, db):
+    """Whole backward of the identity activation: sum_dy, sum_dy_xmu (C,) float64, then
+    dx = (c + (x - mean_hi) k) + dy a (training) or dx = dy a (eval), coefficients as in
+    _elemt_coeffs. s is invstd, or var when from_var (invstd = 1/sqrt(var + eps), as
+    torch.rsqrt). With dw, db of size C (else size 0): dweight = sum_dy_xmu invstd and
+    dbias = sum_dy in their dtype, as bnkit.functional.backward.grad_affine."""
+    invstd = 1.0 / np.sqrt(s + eps) if from_var else s.copy()
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
+    for o in range(outer):
+        if inner == 1:  # cl: channels are the lanes
+            for c in range(C):
+                g = np.float64(dy[o * C + c])
+                sum_dy[c] += g
+                sum_dy_xmu[c] += g * (np.float64(x[o * C + c]) - mean[c])
+        else:
+            for c in range(C):
+                i0 = (o * C + c) * inner
+                a, b = _dy_sums(dy[i0:i0 + inner], x[i0:i0 + inner], mean[c])
+                sum_dy[c] += a
+                sum_dy_xmu[c] += b
+    if dw.size == C:
+        for c in range(C):
+            dw[c] = sum_dy_xmu[c] * invstd[c]
+            db[c] = sum_dy[c]
+    mh = np.empty(C, x.dtype)
+    ac = np.empty(C, x.dtype)
+    kc = np.zeros(C, x.dtype)
+    cc = np.zeros(C, x.dtype)
+    for c in range(C):
+        wc = np.float64(w[c]) if has_w else 1.0
+        if training:
+            mh[c], ac[c], kc[c], cc[c] = _elemt_coeffs(mean[c], invstd[c], wc, sum_dy[c],
+                                                       sum_dy_xmu[c], n, x)
+        else:
+            mh[c], ac[c] = x.dtype.type(mean[c]), x.dtype.type(invstd[c] * wc)
+    if inner == 1:  # cl: channels are the lanes
+        for o in range(outer):
+            dyr, xr, dxr = dy[o * C:(o + 1) * C], x[o * C:(o + 1) * C], dx[o * C:(o + 1) * C]
+            if training:
+                for c in range(C):
+                    dxr[c] = (cc[c] + (xr[c] - mh[c]) * kc[c]) + dyr[c] * ac[c]
+            else:  # the statistics are constants: x does not enter
+                for c in range(C):
+                    dxr[c] = dyr[c] * ac[c]
+        return
+    for o in range(outer):
+        for c in range(C):
+            i0 = (o * C + c) * inner
+            m, a, k, h = mh[c], ac[c], kc[c], cc[c]
+            dys, xs, dxs = dy[i0:i0 + inner], x[i0:i0 + inner], dx[i0:i0 + inner]
+            if training:
+                for j in range(inner):
+                    dxs[j] = (h + (xs[j] - m) * k) + dys[j] * a
+            else:
+                for j in range(inner):
+                    dxs[j] = dys[j] * a

@@ -1,0 +1,193 @@
+"""The 'cpu' backend's one-call small path (`fused_forward`, `fused_backward_op`): the same
+outputs, gradients and running statistics as the reference backend, and the core's
+numerical guarantees (off-centre float32 data, constant input) on inputs that take it.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bnkit
+import bnkit.functional as BF
+from bnkit import kernels
+from bnkit.functional import autograd as A
+
+cpu = pytest.importorskip("bnkit.kernels.cpu")
+
+EPS32 = torch.finfo(torch.float32).eps
+# (shape, axis, channels_last): N from 2 to 64, C from 1 to 300, ranks 2 to 4
+SHAPES = [((60, 100), 1, False), ((2, 1), 1, False), ((64, 300), 1, False),
+          ((5, 7, 3), 1, False), ((3, 4, 9), 2, False), ((32, 16, 4, 4), 1, False),
+          ((6, 3, 5, 4), 1, True), ((2, 300, 3), 1, False)]
+TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+       torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The small path is the one-thread path; restore the backend choice afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    kernels.set_backend("auto")
+
+
+def make(shape, axis, cl, dtype, seed=0, loc=0.5, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+def params(c, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return w, torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+
+
+def close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def reference_forward(*args):
+    kernels.set_backend("reference")
+    try:
+        return A._forward_impl(*args)
+    finally:
+        kernels.set_backend("auto")
+
+
+def reference_backward(*args):
+    kernels.set_backend("reference")
+    try:
+        return A._backward_impl(*args)
+    finally:
+        kernels.set_backend("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,axis,cl", SHAPES, ids=str)
+def test_fused_forward_and_backward_equal_the_reference(shape, axis, cl, dtype):
+    x = make(shape, axis, cl, dtype)
+    c = shape[axis]
+    w, b = params(c, dtype)
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    dy = make(shape, axis, cl, dtype, seed=3, loc=-0.2)
+    for (wt, bt), training in [((w, b), True), ((None, None), True), ((w, None), False),
+                               ((w, b), False)]:
+        args = (x, wt, bt, rm, rv, None, training, 1e-5, axis, "identity")
+        got = cpu.fused_forward(*args)
+        want = reference_forward(*args)
+        assert got is not None
+        for g, r in zip(got, want):
+            close(g, r, dtype)
+        assert got[0].stride() == x.stride()
+        bargs = (dy, x, wt, bt, *want[1:], None, training, 1e-5, axis, "identity")
+        got_b = cpu.fused_backward_op(*bargs)
+        want_b = reference_backward(*bargs)
+        assert got_b is not None
+        for g, r in zip(got_b, want_b):
+            close(g, r, dtype)
+
+
+def test_backward_takes_an_expanded_dy():
+    """y.sum().backward() hands an expanded (stride 0) dy: copied, same result."""
+    x = make((8, 5), 1, False, torch.float64)
+    _, mean, var, count = cpu.fused_forward(x, None, None, None, None, None, True, 1e-5, 1)
+    dy = torch.ones(()).double().expand(8, 5)
+    got = cpu.fused_backward_op(dy, x, None, None, mean, var, count, None, True, 1e-5, 1)
+    want = reference_backward(dy, x, None, None, mean, var, count, None, True, 1e-5, 1)
+    for g, r in zip(got, want):
+        close(g, r, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(60, 100), (48, 4, 5, 5), (64, 16, 4, 4)], ids=str)
+def test_layer_matches_the_reference_backend(shape, dtype):
+    """Two training steps and an eval step of BatchNorm: outputs, grads, running stats."""
+    mods = {}
+    assert kernels.select(make(shape, 1, False, dtype), 1) is cpu  # big enough for it
+    for name in ("cpu", "reference"):
+        kernels.set_backend(name)
+        torch.manual_seed(0)
+        m = bnkit.nn.BatchNorm(shape[1], dtype=dtype)
+        outs = []
+        for step in range(3):
+            m.train(step < 2)
+            x = make(shape, 1, False, dtype, seed=step).requires_grad_()
+            y = m(x)
+            (y * make(shape, 1, False, dtype, seed=9)).sum().backward()
+            outs += [y.detach(), x.grad]
+        mods[name] = (m, outs)
+    (mc, oc), (mr, orf) = mods["cpu"], mods["reference"]
+    for g, r in zip(oc, orf):
+        close(g, r, dtype)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        close(getattr(mc, name).detach(), getattr(mr, name).detach(), dtype)
+    close(mc.weight.grad, mr.weight.grad, dtype)
+    close(mc.bias.grad, mr.bias.grad, dtype)
+
+
+def test_layer_uses_the_one_call_kernels(monkeypatch):
+    calls = []
+    for name in ("small_fwd", "small_bwd"):
+        real = getattr(cpu.K, name)
+        monkeypatch.setattr(cpu.K, name, lambda *a, _f=real, _n=name: (calls.append(_n),
+                                                                       _f(*a))[1])
+    m = bnkit.nn.BatchNorm1d(100)
+    x = torch.randn(60, 100, requires_grad=True)
+    assert kernels.select(x, 1) is cpu
+    m(x).sum().backward()
+    assert calls == ["small_fwd", "small_bwd"]
+
+
+def test_inputs_that_need_the_primitives_get_none():
+    x = torch.randn(60, 100)
+    mask = torch.ones(60, 1, dtype=torch.bool)
+    assert cpu.fused_forward(x, None, None, None, None, mask, True, 1e-5, 1) is None
+    assert cpu.fused_forward(x, None, None, None, None, None, True, 1e-5, 1, "relu") is None
+    assert cpu.fused_forward(x.t(), None, None, None, None, None, True, 1e-5, 1) is None
+    args = (x, x, None, None, torch.zeros(100).double(), torch.ones(100).double(),
+            torch.tensor(60.0).double())
+    assert cpu.fused_backward_op(*args, mask, True, 1e-5, 1) is None
+    assert cpu.fused_backward_op(*args, None, True, 1e-5, 1, "relu") is None
+    torch.set_num_threads(2)  # the parallel kernels take large inputs on several threads
+    big = torch.randn(64, 1024)
+    if cpu._threads(big.numel()) > 1:
+        assert cpu.fused_forward(big, None, None, None, None, None, True, 1e-5, 1) is None
+
+
+def oracle(x, axis=1, eps=1e-5):
+    xd = x.double()
+    dims = [d for d in range(x.dim()) if d != axis]
+    mean = xd.mean(dims, keepdim=True)
+    var = ((xd - mean) ** 2).mean(dims, keepdim=True)
+    return (xd - mean) / torch.sqrt(var + eps)
+
+
+@pytest.mark.parametrize("mean", [1e3, 1e4, 1e5])
+@pytest.mark.parametrize("shape", [(60, 4), (8, 4, 8, 8)], ids=str)
+def test_off_centre_float32_within_one_ulp_of_the_mean(mean, shape):
+    g = torch.Generator().manual_seed(int(mean))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + mean).float()
+    assert cpu.fused_forward(x, None, None, None, None, None, True, 1e-5, 1) is not None
+    y = BF.batch_norm(x, training=True)
+    err = (y.double() - oracle(x)).abs().max().item()
+    assert err <= EPS32 * 2 ** math.floor(math.log2(mean))
+    assert err <= 4 * EPS32 * oracle(x).abs().max().item()  # the output's own rounding
+
+
+@pytest.mark.parametrize("value", [1e7, -3.5, 0.0, 123.456])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(60, 3), (4, 3, 5, 5)], ids=str)
+def test_constant_input_gives_exactly_the_bias(value, dtype, shape):
+    x = torch.full(shape, value, dtype=dtype)
+    w, b = params(3, dtype)
+    _, mean, var, _ = cpu.fused_forward(x, w, b, None, None, None, True, 1e-5, 1)
+    assert torch.equal(mean, torch.full((3,), value, dtype=torch.float64).to(dtype).double())
+    assert torch.equal(var, torch.zeros(3, dtype=torch.float64))
+    y = BF.batch_norm(x, weight=w, bias=b, training=True)
+    assert torch.equal(y, b.view(1, 3, *[1] * (x.dim() - 2)).expand(shape))
