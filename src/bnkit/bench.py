@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_gpu import PASSES, format_table, interleaved_medians, make_row, parse_shape
+from .bench_gpu import _phase_fn as gpu_phase_fn
 
 CASES = (((64, 64, 56, 56), "nchw"), ((64, 64, 56, 56), "nhwc"), ((32, 256, 14, 14), "nchw"),
          ((256, 1024), "nc"), ((8192, 256), "nc"))
@@ -186,27 +187,8 @@ def _inputs(shape, layout):
 
 
 def _phase_fn(fwd, backend, phase, xs, dys, params) -> Callable:
-    """A no-argument callable running `phase` of `fwd` on the next input in turn."""
-    w, b, rm, rv = params
-    turn = itertools.cycle(range(len(xs)))
-    if phase in ("forward", "eval"):
-        def run():
-            with torch.no_grad():
-                fwd(xs[next(turn)], rm, rv, w, b, phase == "forward")
-        return _on(backend, run)
-    xr = [x.detach().requires_grad_() for x in xs]
-    if phase == "fwd+bwd":
-        def run():
-            i = next(turn)
-            torch.autograd.grad(fwd(xr[i], rm, rv, w, b, True), (xr[i], w, b), dys[i])
-        return _on(backend, run)
-    _on(backend, lambda: None)()
-    ys = [fwd(x, rm, rv, w, b, True) for x in xr]  # backward alone: graphs built once
-
-    def run():
-        i = next(turn)
-        torch.autograd.grad(ys[i], (xr[i], w, b), dys[i], retain_graph=True)
-    return _on(backend, run)
+    """`bench_gpu._phase_fn` with bnkit's `backend` selected around every call."""
+    return gpu_phase_fn(fwd, phase, xs, params, dys=dys, wrap=lambda fn: _on(backend, fn))
 
 
 def _on(backend: str | None, fn: Callable) -> Callable:

@@ -208,28 +208,35 @@ def _inputs(shape, dtype, layout, device) -> list[torch.Tensor]:
             for _ in range(n)]
 
 
-def _phase_fn(fwd: Callable, phase: str, xs, params) -> Callable:
-    """A no-argument callable running `phase` of `fwd` on the next input in turn."""
+def _phase_fn(fwd: Callable, phase: str, xs, params, dys=None,
+              wrap: Callable[[Callable], Callable] | None = None) -> Callable:
+    """A no-argument callable running `phase` of `fwd` on the next input in turn.
+
+    `dys` are the output gradients (random when None); `wrap(fn)` returns fn run under some
+    setting (the CPU bench selects a bnkit backend with it), also while graphs are built.
+    """
+    wrap = wrap or (lambda fn: fn)
     w, b, rm, rv = params
     turn = itertools.cycle(range(len(xs)))
     if phase in ("forward", "eval"):
         def run():
             with torch.no_grad():
                 fwd(xs[next(turn)], rm, rv, w, b, phase == "forward")
-        return run
+        return wrap(run)
     xr = [x.detach().requires_grad_() for x in xs]
-    dys = [torch.randn_like(x) for x in xs]
+    dys = dys if dys is not None else [torch.randn_like(x) for x in xs]
     if phase == "fwd+bwd":
         def run():
             i = next(turn)
             torch.autograd.grad(fwd(xr[i], rm, rv, w, b, True), (xr[i], w, b), dys[i])
-        return run
+        return wrap(run)
+    wrap(lambda: None)()
     ys = [fwd(x, rm, rv, w, b, True) for x in xr]  # backward: graphs built once, untimed
 
     def run():
         i = next(turn)
         torch.autograd.grad(ys[i], (xr[i], w, b), dys[i], retain_graph=True)
-    return run
+    return wrap(run)
 
 
 def _copy_fn(xs) -> Callable:

@@ -246,16 +246,9 @@ def cf_normalize(x, y, C, inner, block, mean_hi, scale, shift, relu):
 @njit(**_ELEM)
 def cl_normalize(x, y, M, C, rows, mean_hi, scale, shift, relu):
     """(M, C) version of cf_normalize."""
-    zero = x.dtype.type(0)
     for b in prange(-(-M // rows)):
-        for m in range(b * rows, min(M, (b + 1) * rows)):
-            xr, yr = x[m * C:(m + 1) * C], y[m * C:(m + 1) * C]
-            if relu:
-                for c in range(C):
-                    yr[c] = np.maximum((xr[c] - mean_hi[c]) * scale[c] + shift[c], zero)
-            else:
-                for c in range(C):
-                    yr[c] = (xr[c] - mean_hi[c]) * scale[c] + shift[c]
+        cl_normalize_rows(x, y, b * rows, min(M, (b + 1) * rows), C, mean_hi, scale, shift,
+                          relu)
 
 
 @njit(**_ELEM)
