@@ -173,6 +173,31 @@ def test_interrupt_keeps_finished_cells_and_resume_runs_the_rest(tiny_idx_dir, t
     assert "PARTIAL" not in again.report_md.read_text()
 
 
+def test_sigterm_is_an_interrupt_that_keeps_finished_cells(tiny_idx_dir, tmp_path, monkeypatch,
+                                                         reference_backend):
+    import os
+    import signal
+
+    from bnkit.lab import init as init_exp
+
+    real, calls = init_exp.run_cell, []
+
+    def killed(ctx, cfg, variant, seed):
+        calls.append(variant)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(ctx, cfg, variant, seed)
+
+    monkeypatch.setattr(init_exp, "run_cell", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    res = runner.run_lab(_mini(tiny_idx_dir, ["init"]), tmp_path / "run", progress=False,
+                         strict=True)
+    assert res.status == "interrupted"
+    assert len(store.read_records(res.run_dir)) == 1  # the cell before the signal
+    assert store.read_json(res.run_dir / "run.json")["sessions"][0]["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+
+
 def test_resume_of_a_finished_run_runs_nothing(tiny_idx_dir, tmp_path, reference_backend):
     cfg = _mini(tiny_idx_dir, ["init"])
     first = runner.run_lab(cfg, tmp_path / "run", progress=False, strict=True)

@@ -7,6 +7,8 @@ report that shows every finished cell.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -167,6 +169,7 @@ def _session(ctx: Context, run: dict, strict: bool) -> RunResult:
     run["errors"], run["status"] = [], "running"
     if not (ctx.run_dir / store.ENV).exists():
         store.write_json(ctx.run_dir / store.ENV, collect_env())
+    previous = _sigterm_as_interrupt()
     try:
         todo = _plan(ctx.config, {r["key"] for r in store.read_records(ctx.run_dir)},
                      run.setdefault("skipped", {}))
@@ -180,7 +183,20 @@ def _session(ctx: Context, run: dict, strict: bool) -> RunResult:
         raise
     finally:
         torch.set_num_threads(threads)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return _close(ctx, run, session, (t0, c0))
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (kill, a scheduler's stop) like Ctrl-C so finished cells and a partial
+    report are kept. Returns the previous handler, or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _close(ctx: Context, run: dict, session: dict, start: tuple) -> RunResult:
