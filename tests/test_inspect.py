@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import bn_inputs
 from torch import nn
 
 import bnkit
@@ -31,19 +32,6 @@ def make_model():
 def make_data():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1 for n in (5, 7)]
-
-
-def bn_inputs(model, data):
-    """Oracle: each BN input over all batches as a (C, values) float64 matrix (eval mode)."""
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0]))
-             for n, m in model.named_modules() if bnkit.tools.is_bn(m)]
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(xs).transpose(0, 1).reshape(xs[0].shape[1], -1) for n, xs in seen.items()}
 
 
 def test_numbers_against_hand_computation():

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from oracles import bn_inputs
 from torch import nn
 
 import bnkit
@@ -43,18 +44,8 @@ def make_data(n_batches=5, sizes=None, dtype=torch.float64):
 
 def population(model, data):
     """Oracle: every BN input captured in a train-mode pass of a copy, concatenated, float64."""
-    model = copy.deepcopy(model).train()
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.setdefault(n, []).append(a[0]))
-             for n, m in model.named_modules() if bnkit.tools.is_bn(m)]
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for h in hooks:
-        h.remove()
     out = {}
-    for name, xs in inputs.items():
-        x = torch.cat(xs).double().transpose(0, 1).reshape(xs[0].shape[1], -1)  # (C, N*)
+    for name, x in bn_inputs(copy.deepcopy(model).train(), data).items():  # x: (C, N*)
         out[name] = (x.mean(1), torch.var(x, dim=1, unbiased=True))
     return out
 

@@ -26,13 +26,12 @@ import json
 import math
 import os
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .bench_gpu import PASSES, format_table, interleaved_medians, make_row, parse_shape
+from .bench_gpu import PASSES, format_table, interleaved_medians, make_row, parse_shape, perf_timer
 from .bench_gpu import _phase_fn as gpu_phase_fn
 
 CASES = (((64, 64, 56, 56), "nchw"), ((64, 64, 56, 56), "nhwc"), ((32, 256, 14, 14), "nchw"),
@@ -203,24 +202,14 @@ def _on(backend: str | None, fn: Callable) -> Callable:
     return run
 
 
-def _timer(inner: int) -> Callable[[Callable], float]:
-    """Milliseconds per call, from `inner` back-to-back calls."""
-    def timer(fn):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / inner
-    return timer
-
-
 def time_all(fns: dict[str, Callable], repeats: int, warmup: int) -> dict[str, float]:
     """{name: median ms} over interleaved rounds, after `warmup` untimed calls each."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    fastest = min(_timer(1)(fn) for fn in fns.values())
+    fastest = min(perf_timer(1)(fn) for fn in fns.values())
     inner = max(1, min(50, math.ceil(SAMPLE_MS / max(fastest, 1e-3))))
-    return interleaved_medians(fns, repeats, _timer(inner))
+    return interleaved_medians(fns, repeats, perf_timer(inner))
 
 
 def run_case(shape, layout, repeats, warmup, compile_=True) -> list[dict]:
