@@ -126,14 +126,22 @@ def test_fused_backward_matches_three_reference_steps(shape, axis, cl, dtype):
         close(dx, want, dtype, _dx_scale(dz, x, mean, invstd, w, *sums, count))
 
 
-def test_fused_backward_takes_the_one_kernel_path_for_nchw():
+def test_fused_backward_takes_the_one_kernel_path_for_nchw(monkeypatch):
     x, dy = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
     lay = cpu_layout.resolve(x, 1)
-    assert cpu._fusable(lay, dy, x, None, True, "identity")
-    assert not cpu._fusable(lay, dy, x, None, False, "identity")  # eval: no reduce to share
-    assert not cpu._fusable(lay, dy, x, None, True, "relu")
-    assert not cpu._fusable(cpu_layout.resolve(x.contiguous(memory_format=torch.channels_last),
-                                               1), dy, x, None, True, "identity")
+    assert cpu._fusable(lay, 2, 4) and not cpu._fusable(lay, 3, 4)  # 8 channels, 3 threads
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert not cpu._fusable(cpu_layout.resolve(nhwc, 1), 2, 4)
+    calls = []
+    real = cpu.K.cf_fused_bwd
+    monkeypatch.setattr(cpu.K, "cf_fused_bwd", lambda *a: (calls.append(1), real(*a))[1])
+    count, mean, var = ref.batch_stats(x, 1)
+    invstd = torch.rsqrt(var + 1e-5)
+    for training, act, used in [(True, "identity", 1), (False, "identity", 0),
+                                (True, "relu", 0)]:
+        calls.clear()
+        cpu.fused_backward(dy, x, mean, invstd, None, None, count, 1, None, training, act)
+        assert len(calls) == used, (training, act)
 
 
 def _dx_scale(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count):
@@ -204,11 +212,14 @@ def test_end_to_end_matches_torch_float64(fast_small):
     close(rv, rv2, torch.float64)
 
 
+@pytest.mark.parametrize("act", ["identity", "relu"])
 @pytest.mark.parametrize("cl,axis", [(False, 1), (True, 1), (False, -1)])
-def test_gradcheck_through_fast_path(fast_small, monkeypatch, cl, axis):
+def test_gradcheck_through_fast_path(fast_small, monkeypatch, cl, axis, act):
+    """The one-call forward, then the one-call backward (identity) or the primitives
+    (relu's derivative is not in the one-call backward)."""
     kernels.set_backend("cpu")
     calls = []
-    for name in ("batch_stats", "normalize", "backward_reduce", "backward_elemt"):
+    for name in ("fused_forward", "fused_backward_op", "backward_reduce", "backward_elemt"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _f=real, _n=name, **k: (calls.append(_n),
                                                                          _f(*a, **k))[1])
@@ -216,9 +227,12 @@ def test_gradcheck_through_fast_path(fast_small, monkeypatch, cl, axis):
     c = x.shape[axis]
     w, b = (v.requires_grad_() for v in vectors(c, torch.float64))
     assert torch.autograd.gradcheck(
-        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, axis=axis, act="relu"),
+        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, axis=axis, act=act),
         (x, w, b))
-    assert {"batch_stats", "normalize", "backward_reduce", "backward_elemt"} <= set(calls)
+    used = {"fused_forward", "fused_backward_op"}
+    if act == "relu":
+        used |= {"backward_reduce", "backward_elemt"}
+    assert used <= set(calls)
 
 
 # ---- numerical guarantees on this backend ---------------------------------------------------

@@ -81,9 +81,11 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     if input.numel() == 0:
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
-    y, mean, var, n = bn_apply(input, weight, bias, running_mean, running_var, mask, training,
-                               eps, axis, act)
-    if training and running_mean is not None:
+    update = training and running_mean is not None
+    y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
+                                        training, eps, axis, act,
+                                        float(momentum) if update else None)
+    if update and not blended:
         update_running(running_mean, running_var, mean, var, n, momentum)
     return y
 

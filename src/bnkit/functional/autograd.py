@@ -7,8 +7,10 @@ torch ops, which torch.compile functionalizes like it does for torch's own BN bu
 
 Eager calls skip the custom-op machinery (schema checks, default filling, redispatch cost
 ~10 us a call, most of a small layer's time) through `_EagerBatchNorm`, a plain
-autograd.Function over the very same forward, setup and backward functions; the ops are
-used whenever torch.compile is tracing.
+autograd.Function over the very same forward and backward functions, and skip autograd
+altogether when nothing needs a gradient; the ops are used whenever torch.compile is
+tracing. In eager training the backend may also blend the running buffers inside its
+one-call forward (`momentum`), which saves four tiny torch ops a call.
 
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed
@@ -36,19 +38,29 @@ def _forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                    mask: Tensor | None, training: bool, eps: float, axis: int,
                    act: str = "identity") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y, mean, var, count). mean/var (C,) and count () in the accumulation dtype."""
+    return _run_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
+                        act, None)[:4]
+
+
+def _run_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act,
+                 momentum):
+    """-> (y, mean, var, count, blended). With a `momentum` (eager training with running
+    buffers), a backend whose `fused_forward` runs the whole op also blends the running
+    buffers, and `blended` says it did; otherwise the caller blends them."""
     backend = kernels.select(x, axis, mask)
     fused = getattr(backend, "fused_forward", None)
-    out = None if fused is None else fused(x, weight, bias, running_mean, running_var, mask,
-                                           training, eps, axis, act)
-    if out is not None:  # the backend ran the whole forward in one call
-        return out
+    if fused is not None:  # the backend may run the whole forward in one call
+        out = fused(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act,
+                    momentum)
+        if out is not None:
+            return (*out, momentum is not None)
     if training:
         count, mean, var = backend.batch_stats(x, axis, mask)
     else:
         count, mean, var = _running(running_mean, running_var, x)
     invstd = torch.rsqrt(var + eps)
     y = backend.normalize(x, mean, invstd, weight, bias, axis, act)
-    return y, mean, var, count
+    return y, mean, var, count, False
 
 
 batch_norm_fwd = torch.library.custom_op("bnkit::batch_norm_fwd", _forward_impl,
@@ -128,17 +140,22 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.eps, ctx.axis, ctx.act = training, eps, axis, act
 
 
-def _backward(ctx, dy, _dmean, _dvar, _dcount):
-    x, weight, bias, mean, var, count, mask = ctx.saved_tensors
-    args = (dy, x, weight, bias, mean, var, count, mask, ctx.training, ctx.eps, ctx.axis, ctx.act)
+def _backward_of(dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act):
+    """-> (dx, dweight, dbias); None for the absent parameters."""
+    args = (dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act)
     if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
         dx, dweight, dbias = _differentiable_bwd(*args)
     elif torch.compiler.is_compiling():
         dx, dweight, dbias = batch_norm_bwd(*args)
     else:
         dx, dweight, dbias = _backward_impl(*args)
-    dweight = dweight if weight is not None else None
-    dbias = dbias if bias is not None else None
+    return dx, dweight if weight is not None else None, dbias if bias is not None else None
+
+
+def _backward(ctx, dy, _dmean, _dvar, _dcount):
+    x, weight, bias, mean, var, count, mask = ctx.saved_tensors
+    dx, dweight, dbias = _backward_of(dy, x, weight, bias, mean, var, count, mask,
+                                      ctx.training, ctx.eps, ctx.axis, ctx.act)
     return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
@@ -146,26 +163,54 @@ batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerBatchNorm(torch.autograd.Function):
-    """The same op for eager mode, without the custom-op dispatch overhead. The combined
-    `forward(ctx, *args)` form: the separate setup_context form binds every call's arguments
-    to the signature with `inspect` (~15 us)."""
+    """The same op for eager mode, without the custom-op dispatch overhead (schema checks,
+    default filling, redispatch: ~10 us a call, most of a small layer's time). It returns y
+    alone (each extra output costs the Function machinery several us): the statistics go
+    back through `stats`, a list the caller passes in, and into ctx as plain attributes
+    (they are created here and carry no history). The combined `forward(ctx, *args)` form:
+    the separate setup_context form binds every call's arguments with `inspect` (~15 us)."""
 
     @staticmethod
-    def forward(ctx, *args):
-        output = _forward_impl(*args)
-        _setup_context(ctx, args, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
+    def forward(ctx, x, weight, bias, running_mean, running_var, mask, config):
+        training, eps, axis, act, momentum, stats = config  # one tuple: apply walks each arg
+        y, mean, var, count, blended = _run_forward(x, weight, bias, running_mean,
+                                                    running_var, mask, training, eps, axis,
+                                                    act, momentum)
+        ctx.save_for_backward(x, weight, bias, mask)
+        ctx.stats = (mean, var, count)
+        ctx.training, ctx.eps, ctx.axis, ctx.act = training, eps, axis, act
+        stats += (mean, var, count, blended)
+        return y
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mask = ctx.saved_tensors
+        mean, var, count = ctx.stats
+        dx, dweight, dbias = _backward_of(dy, x, weight, bias, mean, var, count, mask,
+                                          ctx.training, ctx.eps, ctx.axis, ctx.act)
+        return dx, dweight, dbias, None, None, None, None
+
+
+def _needs_graph(x, weight, bias) -> bool:
+    """Autograd will record this call: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad))
 
 
 def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
-             act="identity"):
-    """Run the forward op (the mask gets its channel axis here). -> (y, mean, var, count)."""
+             act="identity", momentum=None):
+    """Run the forward op (the mask gets its channel axis here).
+    -> (y, mean, var, count, blended); see `_run_forward` for `momentum` and `blended`."""
     if mask is not None:
         mask = mask_view(mask, x.dim(), axis)
     args = (x, weight, bias, running_mean, running_var, mask, training, eps, axis, act)
     if torch.compiler.is_compiling():
-        return batch_norm_fwd(*args)
-    return _EagerBatchNorm.apply(*args)
+        return (*batch_norm_fwd(*args), False)
+    if not _needs_graph(x, weight, bias):  # inference: no autograd node to build
+        return _run_forward(*args, momentum)
+    stats = []
+    y = _EagerBatchNorm.apply(x, weight, bias, running_mean, running_var, mask,
+                              (training, eps, axis, act, momentum, stats))
+    return (y, *stats)

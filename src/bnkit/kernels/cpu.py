@@ -6,12 +6,13 @@ core's `affine_coeffs`), running in parallel over channels and chunks of the bat
 torch.get_num_threads() threads. Inputs it does not accelerate (masks in the statistics and
 the elementwise backward, activations other than identity/relu, non-dense layouts, a dy laid
 out unlike x) run on the reference primitives inside the same call, so any input gets the
-right answer. `fused_backward` runs the whole backward in one call (the core's backward op
-uses it when a backend has one): per channel, the sums and then dx while the channel is
-still in cache. On one thread (small inputs, or torch.set_num_threads(1)) `fused_forward`
-and `fused_backward_op` run the whole forward / backward op (statistics, coefficients,
-output; sums, dx, dweight, dbias) in one serial call each: at (60, 100) the torch ops
-around the kernels, not the arithmetic, are the cost. The first call of each kernel compiles it (or loads numba's on-disk cache);
+right answer. A layer call takes `fused_forward` and `fused_backward_op`
+(`cpu_ops`): the whole forward op (statistics, coefficients, output, running-stat blend)
+and the whole backward op (sums, dweight, dbias, dx) in one numba call each, serial loops
+on one thread and the parallel kernels otherwise; below a few MB the torch ops that would
+otherwise surround the kernels cost more than the passes over x. `fused_backward` is the
+per-channel fused backward for the inputs those do not take (activations, masks run on
+the primitives). The first call of each kernel compiles it (or loads numba's on-disk cache);
 `warmup()` does all of them at once and `status()` says which applies.
 
 Example:
@@ -29,19 +30,21 @@ import threading
 import numba
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version as _increment_version
 
 from ..functional.backward import elemt_coeffs
 from ..functional.normalize import affine_coeffs
 from ..functional.stats import Stats
 from . import cpu_layout as L
 from . import cpu_numba as K
+from . import cpu_ops as O
 from . import reference
 from .cpu_cache import cache_report
 
 NAME = "cpu"
 __all__ = ["NAME", "act_backward", "available", "backward_elemt", "backward_reduce",
-           "batch_stats", "fused_backward", "fused_backward_op", "fused_forward", "normalize", "status", "supports",
-           "warmup"]
+           "batch_stats", "fused_backward", "fused_backward_op", "fused_forward", "normalize",
+           "status", "supports", "warmup"]
 
 MIN_NUMEL = 4096  # below this `supports()` says no: both paths cost the same (bench)
 PARALLEL_MIN = 32768  # below this the kernels run on one thread (no wake-up cost)
@@ -59,7 +62,7 @@ def available() -> bool:
 
 def supports(x, axis, mask) -> bool:
     """Dense float32/float64 CPU input with at least MIN_NUMEL values (any mask, any act)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() >= MIN_NUMEL
+    return (x.is_cpu and x.dtype in _DTYPES and x.numel() >= MIN_NUMEL
             and L.resolve(x, axis) is not None)
 
 
@@ -71,14 +74,17 @@ def status() -> str:
 
 def _fast(x, axis):
     """x's layout when the kernels take it, else None (the caller uses the reference)."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+    if not x.is_cpu or x.dtype not in _DTYPES or x.numel() == 0:
         return None
     return L.resolve(x, axis)
 
 
 def _threads(numel: int) -> int:
     """Use torch's thread count (one thread for small inputs); returns it. numba's setting
-    is per calling thread, so the last value set is remembered per thread."""
+    is per calling thread, so the last value set is remembered per thread. Setting it also
+    starts numba's threading layer, which the one-call ops (`cpu_ops`, loaded from the
+    disk cache with parallel kernels nested inside) need before their first call: every
+    kernel call goes through here first."""
     want = torch.get_num_threads()
     n = 1 if numel < PARALLEL_MIN else min(want, numba.config.NUMBA_NUM_THREADS)
     if getattr(_local, "threads", None) != n:
@@ -176,65 +182,119 @@ def _param(t, x):
     return _vec(t, t.dtype if t.dtype in _DTYPES else torch.float64), True
 
 
-def _small(lay, x) -> bool:
-    """One serial call covers the input: a fast layout on one thread."""
-    return lay is not None and _threads(x.numel()) == 1
+_LIKE = {dt: np.empty(0, dtype=_NO_PARAM[dt].dtype) for dt in _DTYPES}  # dtype witnesses
+
+
+def _dense(t) -> bool:
+    """The kernels can read t in place through its address: contiguous float32/64 CPU."""
+    return t.dtype in _DTYPES and t.is_cpu and t.is_contiguous()
+
+
+def _params(weight, bias, x):
+    """(weight address, bias address, dtype witness, has_w, has_b, keep-alive) of the
+    optional (C,) parameters: in place when both are dense in one dtype, else float64
+    copies (kept alive by the caller through `keep`)."""
+    ps = [t for t in (weight, bias) if t is not None]
+    if not ps:
+        return 0, 0, _LIKE[x.dtype], False, False, ()
+    if not all(_dense(t) and t.dtype == ps[0].dtype for t in ps):
+        f64 = torch.float64
+        weight, bias = (None if t is None else t.detach().to(f64, copy=True).contiguous()
+                        for t in (weight, bias))
+        ps = [t for t in (weight, bias) if t is not None]
+    like = _LIKE[ps[0].dtype]
+    return (0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            like, weight is not None, bias is not None, ps)
+
+
+def _split(kind, outer, c, inner, t):
+    """(rows, pieces, width) of the parallel reductions' chunks (unused on one thread)."""
+    if t == 1:
+        return 1, 1, 1
+    if kind == "cf":
+        return L.cf_split(outer, c, inner, t)
+    return L.cl_rows(outer, c, t), 1, 1
+
+
+def _running_in_place(running_mean, running_var, training, momentum):
+    """(rm, rv, update) for the forward kernel: the buffers to blend (training with a
+    momentum) or read (eval); None when they cannot be blended in place."""
+    update = training and momentum is not None and running_mean is not None
+    if not update and training:
+        return None, None, False
+    if running_mean is None:  # eval without buffers: not a valid call, leave it to the core
+        return None
+    if _dense(running_mean) and _dense(running_var) and running_mean.dtype == running_var.dtype:
+        return running_mean, running_var, update
+    if update:
+        return None
+    f64 = torch.float64  # eval reads any dtype: float64 copies
+    return running_mean.to(f64, copy=True), running_var.to(f64, copy=True), False
 
 
 def fused_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis=1,
-                  act="identity"):
-    """The forward op in one serial kernel -> (y, mean, var, count), the core's results
-    (float64 two-pass corrected statistics, `affine_coeffs`' coefficients), or None when the
-    input needs the primitives (a mask, an activation, many threads, a layout the kernels do
-    not take; activations keep the primitives' path, as the backward does)."""
+                  act="identity", momentum=None):
+    """The forward op in one kernel call -> (y, mean, var, count), the core's results
+    (float64 two-pass corrected statistics, `affine_coeffs`' coefficients). With a
+    `momentum` (training, running buffers given) the running buffers are blended too, as
+    `update_running` would. None when the input needs the primitives (a mask, silu/gelu, a
+    layout the kernels do not take, running buffers that cannot be blended in place)."""
     lay = _fast(x, axis)
-    if mask is not None or act != "identity" or not _small(lay, x):
+    if lay is None or mask is not None or act not in _FAST_ACTS:
         return None
-    _, outer, c, inner = lay
-    f64 = torch.float64
-    if training:  # numpy allocates ~5x faster than torch at this size
-        m, v, n = np.empty(c), np.empty(c), float(outer * inner)
-    else:  # copies: the outputs must not alias the buffers
-        m, v, n = _vec(running_mean, f64).copy(), _vec(running_var, f64).copy(), 0.0
+    running = _running_in_place(running_mean, running_var, training, momentum)
+    if running is None:
+        return None
+    rm, rv, update = running
+    kind, outer, c, inner = lay
+    t = _threads(x.numel())
+    m, v = np.empty(c), np.empty(c)  # numpy allocates ~5x faster than torch at this size
     y = L.empty_like(x)
-    (w, has_w), (b, has_b) = _param(weight, x), _param(bias, x)
-    K.small_fwd(L.flat(x), L.flat(y), outer, c, inner, w, b, has_w, has_b, float(eps),
-                bool(training), False, m, v)
+    wa, ba, lp, has_w, has_b, _keep = _params(weight, bias, x)
+    lr = _LIKE[rm.dtype] if rm is not None else _LIKE[torch.float64]
+    O.forward_op(x.data_ptr(), y.data_ptr(), outer, c, inner, _LIKE[x.dtype], t > 1,
+                 *_split(kind, outer, c, inner, t), wa, ba, lp, has_w, has_b, float(eps),
+                 bool(training), act == "relu", m, v, 0 if rm is None else rm.data_ptr(),
+                 0 if rv is None else rv.data_ptr(), lr, update, float(momentum or 0.0))
+    if update:  # the buffers changed outside torch's view: tell autograd's version check
+        _increment_version(running_mean)
+        _increment_version(running_var)
+    n = float(outer * inner) if training else 0.0
     return y, torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(np.array(n))
 
 
-def _small_backward(lay, dy, x, mean, invstd, weight, count, training, dw=None, db=None,
-                    eps=None):
-    """-> (dx, sum_dy, sum_dy_xmu) from one serial kernel (identity activation, no mask),
-    also filling the numpy arrays dw, db with dweight, dbias when given. With an eps,
-    `invstd` holds var instead (the kernel takes 1/sqrt(var + eps))."""
-    _, outer, c, inner = lay
-    f64 = torch.float64
-    s_dy, s_dyx = np.empty(c), np.empty(c)
-    dx = L.empty_like(dy)
-    w, has_w = _param(weight, x)
-    none = _NO_PARAM[torch.float64][:0]
-    K.small_bwd(L.flat(dy), L.flat(x), L.flat(dx), outer, c, inner, _vec(mean, f64),
-                _vec(invstd, f64), eps is not None, float(eps or 0.0), w, has_w, float(count), bool(training), s_dy, s_dyx,
-                none if dw is None else dw, none if db is None else db)
-    return dx, torch.from_numpy(s_dy), torch.from_numpy(s_dyx)
+def _f64(t):
+    """A (C,) float64 statistic as a dense tensor (the same one when it already is)."""
+    if t.dtype == torch.float64 and t.is_contiguous() and t.is_cpu:
+        return t
+    return t.detach().to(torch.float64, copy=True).contiguous()
 
 
 def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps, axis=1,
                       act="identity"):
-    """The backward op in one serial kernel -> (dx, dweight, dbias), or None when the input
-    needs `fused_backward` (a mask, an activation, many threads, a layout the kernels do
-    not take). dweight, dbias have the parameters' dtype (x's without weight)."""
+    """The backward op in one kernel call -> (dx, dweight, dbias), or None when the input
+    needs `fused_backward` (a mask, an activation, a layout the kernels do not take).
+    dweight, dbias have the parameters' dtype (x's without weight)."""
     lay = _fast(x, axis)
-    if mask is not None or act != "identity" or not _small(lay, x) or dy.shape != x.shape:
+    if lay is None or mask is not None or act != "identity" or dy.shape != x.shape:
         return None
     pdt = weight.dtype if weight is not None else x.dtype
     if pdt not in _DTYPES:
         return None
-    if not L.same_layout(x, dy):  # e.g. the expanded dy of y.sum(): a small copy
+    if not L.same_layout(x, dy):  # e.g. the expanded dy of y.sum(): one copy
         dy = torch.empty_like(x).copy_(dy)
-    dw, db = (np.empty(lay[2], dtype=_NO_PARAM[pdt].dtype) for _ in range(2))
-    dx, _, _ = _small_backward(lay, dy, x, mean, var, weight, count, training, dw, db, eps)
+    kind, outer, c, inner = lay
+    t = _threads(x.numel())
+    fuse = t > 1 and training and _fusable(lay, t, x.element_size())
+    s_dy, s_dyx = np.empty(c), np.empty(c)
+    dw, db = np.empty(c, dtype=_LIKE[pdt].dtype), np.empty(c, dtype=_LIKE[pdt].dtype)
+    dx = L.empty_like(dy)
+    wa, _, lp, has_w, _, _keep = _params(weight, None, x)
+    mean, var = _f64(mean), _f64(var)
+    O.backward_op(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), outer, c, inner, _LIKE[x.dtype],
+                  t > 1, fuse, *_split(kind, outer, c, inner, t), mean.data_ptr(),
+                  var.data_ptr(), float(eps), wa, lp, has_w, float(count), bool(training),
+                  s_dy, s_dyx, dw, db)
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
 
@@ -248,11 +308,9 @@ def fused_backward(dy, x, mean, invstd, weight, bias, count, axis=1, mask=None, 
     backend's three primitives in turn, as the core's backward op runs them.
     """
     lay = _fast(x, axis)
-    if mask is None and act == "identity" and _small(lay, x) and dy.shape == x.shape:
-        if not L.same_layout(x, dy):  # e.g. the expanded dy of y.sum(): a small copy
-            dy = torch.empty_like(x).copy_(dy)
-        return _small_backward(lay, dy, x, mean, invstd, weight, count, training)
-    if not _fusable(lay, dy, x, mask, training, act):
+    t = _threads(x.numel()) if lay is not None else 1
+    if (lay is None or mask is not None or not training or act != "identity"
+            or not L.same_layout(x, dy) or not _fusable(lay, t, x.element_size())):
         if act != "identity":
             dy = act_backward(dy, x, mean, invstd, weight, bias, axis, act)
         sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis)
@@ -273,15 +331,13 @@ def _cf_fused_backward(lay, dy, x, mean, invstd, weight, count):
     return dx, sums[0], sums[1]
 
 
-def _fusable(lay, dy, x, mask, training, act) -> bool:
-    """One task per channel pays when the channels balance over the threads and a channel's
-    dy and x (FUSE_BYTES at most) stay in the last-level cache between the two passes."""
-    if (lay is None or lay[0] != "cf" or mask is not None or not training
-            or act != "identity" or not L.same_layout(x, dy)):
-        return False
-    _, outer, c, inner = lay
-    t = _threads(x.numel())
-    return (c % t == 0 or c >= 8 * t) and 2 * outer * inner * x.element_size() <= FUSE_BYTES
+def _fusable(lay, threads, itemsize) -> bool:
+    """One task per channel (cf layout) pays when the channels balance over the threads
+    and a channel's dy and x (FUSE_BYTES at most) stay in the last-level cache between
+    the two passes."""
+    kind, outer, c, inner = lay
+    return (kind == "cf" and (c % threads == 0 or c >= 8 * threads)
+            and 2 * outer * inner * itemsize <= FUSE_BYTES)
 
 
 def act_backward(dy, x, mean, invstd, weight, bias, axis=1, act="identity"):
@@ -303,15 +359,19 @@ def warmup() -> str:
             count, mean, var = batch_stats(x, axis)
             invstd = torch.rsqrt(var + 1e-5)
             w = torch.ones(x.shape[axis], dtype=dtype)
+            rm, rv = torch.zeros_like(w), torch.ones_like(w)
             normalize(x, mean, invstd, w, w, axis)
             sums = backward_reduce(x, x, mean, axis)
             backward_elemt(x, x, mean, invstd, w, *sums, count, axis)
-            fused_backward(x, x, mean, invstd, w, w, count, axis)
-            fused_forward(x, w, w, None, None, None, True, 1e-5, axis)
-            if x.dim() == 3:  # small inputs take small_bwd inside fused_backward
-                _cf_fused_backward(L.resolve(x, axis), x, x, mean, invstd, w, count)
+            _cf_fused_backward(L.resolve(x, axis), x, x, mean, invstd, w, count)
+            for training in (True, False):  # a layer: float buffers blended / read
+                fused_forward(x, w, w, rm, rv, None, training, 1e-5, axis, "identity", 0.1)
+                fused_backward_op(x, x, w, w, mean, var, count, None, training, 1e-5, axis)
+            fused_forward(x, None, None, None, None, None, True, 1e-5, axis)  # functional
+            fused_backward_op(x, x, None, None, mean, var, count, None, True, 1e-5, axis)
     return status()
 
 
 _KERNELS = (K.cf_stats, K.cl_stats, K.cf_dy_sums, K.cl_dy_sums, K.cf_normalize,
-            K.cl_normalize, K.cf_elemt, K.cl_elemt, K.cf_fused_bwd, K.small_fwd, K.small_bwd)
+            K.cl_normalize, K.cf_elemt, K.cl_elemt, K.cf_fused_bwd, O.forward_op,
+            O.backward_op)

@@ -9,6 +9,7 @@ Anything else (transposed, sliced, expanded) gets None and runs on the reference
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 
@@ -18,20 +19,36 @@ CHUNK = 65536  # values per reduction chunk: 256 KiB of float32, stays in L2 bet
 BLOCK = 65536  # values per elementwise task
 _HUGE = 1 << 21  # 2 MiB transparent huge page
 HUGE_MIN = 8 << 20  # outputs from this size get the huge-page advice (Linux)
-_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_CL_RANKS = (4, 5)  # NHWC (torch.channels_last) and NDHWC (torch.channels_last_3d)
 
 
 def resolve(x: torch.Tensor, axis: int):
     """(kind, outer, C, inner) of x's buffer seen along `axis`, or None if not dense."""
-    shape = x.shape
+    return _resolve(x.shape, x.stride(), axis)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(shape, stride, axis):
+    """resolve() from sizes and strides alone (cached: a layer sees a few shapes)."""
     c = shape[axis]
-    if x.is_contiguous():
+    if _dense_in(shape, stride, range(len(shape))):
         outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
         return ("cf", outer, c, inner) if inner > 1 else ("cl", outer, c, 1)
-    fmt = _CL_FORMATS.get(x.dim())
-    if axis == 1 and fmt is not None and x.is_contiguous(memory_format=fmt):
-        return ("cl", x.numel() // max(c, 1), c, 1)
+    if axis == 1 and len(shape) in _CL_RANKS:
+        if _dense_in(shape, stride, (0, *range(2, len(shape)), 1)):
+            return ("cl", math.prod(shape) // max(c, 1), c, 1)
     return None
+
+
+def _dense_in(shape, stride, order) -> bool:
+    """The dims, taken in `order` (outermost first), tile memory without gaps: torch's
+    is_contiguous rule (strides of size-1 dims do not matter) for that dim order."""
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

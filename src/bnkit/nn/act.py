@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
 from .base import NormBase
 
 # The activations the core fuses (`act=` of bnkit.functional.batch_norm), as modules too.
@@ -63,13 +62,7 @@ class BatchNormAct(NormBase):
         self.act = module
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        momentum, step = self._momentum_and_step()
-        rm, rv = self._running_buffers()
-        y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
-                         momentum, self.eps, axis=self.axis, mask=mask,
-                         act=self.fused or "identity")
-        if step and input.numel() > 0:
-            self.num_batches_tracked.add_(1)
+        y = self._batch_norm(input, mask, self.fused or "identity")
         return y if self.fused is not None else self.act(y)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import functional as F
+
 
 class NormBase(nn.Module):
     """Holds what every BN layer owns; subclasses only write `forward`."""
@@ -82,8 +84,21 @@ class NormBase(nn.Module):
     def _running_buffers(self):
         """The buffers to read/update, or (None, None) when they must not be touched."""
         if not self.training or self.track_running_stats:
-            return self.running_mean, self.running_var
+            b = self._buffers  # direct: nn.Module.__getattr__ costs ~1 us per lookup
+            return b["running_mean"], b["running_var"]
         return None, None
+
+    def _batch_norm(self, input, mask=None, act: str = "identity"):
+        """The core op with this layer's parameters and buffers; the step counter advances
+        only after the call succeeded (a failed call leaves every state untouched)."""
+        momentum, step = self._momentum_and_step()
+        rm, rv = self._running_buffers()
+        p = self._parameters
+        y = F.batch_norm(input, rm, rv, p["weight"], p["bias"], self._uses_batch_stats(),
+                         momentum, self.eps, axis=self.axis, mask=mask, act=act)
+        if step and input.numel() > 0:
+            self._buffers["num_batches_tracked"].add_(1)
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

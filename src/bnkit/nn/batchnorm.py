@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional as F
 from .base import NormBase
 
 
@@ -49,13 +48,7 @@ class BatchNorm(NormBase):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        momentum, step = self._momentum_and_step()
-        rm, rv = self._running_buffers()
-        y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
-                         momentum, self.eps, axis=self.axis, mask=mask)
-        if step and input.numel() > 0:
-            self.num_batches_tracked.add_(1)
-        return y
+        return self._batch_norm(input, mask)
 
 
 class _FixedRank(BatchNorm):

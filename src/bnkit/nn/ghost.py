@@ -139,13 +139,13 @@ def _fold_bn(x, mask, groups, axis, weight, bias, eps):
     weight and bias repeat G times. -> (y, mean (G, C), var (G, C), count (G,)).
     """
     if groups == 1:
-        y, mean, var, n = bn_apply(x, weight, bias, None, None, mask, True, eps, axis)
+        y, mean, var, n, _ = bn_apply(x, weight, bias, None, None, mask, True, eps, axis)
         return y, mean[None], var[None], n[None]
     c, v = x.shape[axis], x.shape[0] // groups
     xf = x.reshape(groups, v, *x.shape[1:]).movedim(0, axis).flatten(axis, axis + 1)
     w = None if weight is None else weight.repeat(groups)
     b = None if bias is None else bias.repeat(groups)
-    y, mean, var, n = bn_apply(xf, w, b, None, None, None, True, eps, axis)
+    y, mean, var, n, _ = bn_apply(xf, w, b, None, None, None, True, eps, axis)
     y = y.unflatten(axis, (groups, c)).movedim(axis, 0).reshape(x.shape)
     return y, mean.view(groups, c), var.view(groups, c), n.expand(groups)
 

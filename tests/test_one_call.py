@@ -1,6 +1,7 @@
-"""The 'cpu' backend's one-call small path (`fused_forward`, `fused_backward_op`): the same
-outputs, gradients and running statistics as the reference backend, and the core's
-numerical guarantees (off-centre float32 data, constant input) on inputs that take it.
+"""The 'cpu' backend's one-call ops (`fused_forward`, `fused_backward_op`, `cpu_ops`): the
+same outputs, gradients and running statistics as the reference backend on one thread
+(serial loops) and on two (the parallel kernels), and the core's numerical guarantees
+(off-centre float32 data, constant input) on inputs that take them.
 """
 from __future__ import annotations
 
@@ -134,31 +135,90 @@ def test_layer_matches_the_reference_backend(shape, dtype):
 
 def test_layer_uses_the_one_call_kernels(monkeypatch):
     calls = []
-    for name in ("small_fwd", "small_bwd"):
-        real = getattr(cpu.K, name)
-        monkeypatch.setattr(cpu.K, name, lambda *a, _f=real, _n=name: (calls.append(_n),
+    for name in ("forward_op", "backward_op"):
+        real = getattr(cpu.O, name)
+        monkeypatch.setattr(cpu.O, name, lambda *a, _f=real, _n=name: (calls.append(_n),
                                                                        _f(*a))[1])
     m = bnkit.nn.BatchNorm1d(100)
     x = torch.randn(60, 100, requires_grad=True)
     assert kernels.select(x, 1) is cpu
     m(x).sum().backward()
-    assert calls == ["small_fwd", "small_bwd"]
+    assert calls == ["forward_op", "backward_op"]
 
 
 def test_inputs_that_need_the_primitives_get_none():
     x = torch.randn(60, 100)
     mask = torch.ones(60, 1, dtype=torch.bool)
     assert cpu.fused_forward(x, None, None, None, None, mask, True, 1e-5, 1) is None
-    assert cpu.fused_forward(x, None, None, None, None, None, True, 1e-5, 1, "relu") is None
+    assert cpu.fused_forward(x, None, None, None, None, None, True, 1e-5, 1, "silu") is None
     assert cpu.fused_forward(x.t(), None, None, None, None, None, True, 1e-5, 1) is None
+    half = torch.zeros(100, dtype=torch.float16)  # buffers the kernel cannot blend
+    assert cpu.fused_forward(x, None, None, half, half, None, True, 1e-5, 1, "identity",
+                             0.1) is None
     args = (x, x, None, None, torch.zeros(100).double(), torch.ones(100).double(),
             torch.tensor(60.0).double())
     assert cpu.fused_backward_op(*args, mask, True, 1e-5, 1) is None
     assert cpu.fused_backward_op(*args, None, True, 1e-5, 1, "relu") is None
-    torch.set_num_threads(2)  # the parallel kernels take large inputs on several threads
-    big = torch.randn(64, 1024)
-    if cpu._threads(big.numel()) > 1:
-        assert cpu.fused_forward(big, None, None, None, None, None, True, 1e-5, 1) is None
+
+
+# (shape, axis, channels_last) large enough for the parallel kernels on 2 threads: cf with
+# the per-channel fused backward, cf split into chunks (C = 1), and cl
+PAR_SHAPES = [((16, 8, 32, 32), 1, False), ((4, 1, 70000), 1, False),
+              ((4096, 24), 1, False), ((8, 6, 40, 40), 1, True), ((6, 7, 2000), 1, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,axis,cl", PAR_SHAPES, ids=str)
+def test_parallel_ops_equal_the_reference(shape, axis, cl, dtype):
+    torch.set_num_threads(2)
+    x = make(shape, axis, cl, dtype)
+    assert cpu._threads(x.numel()) == min(2, cpu.numba.config.NUMBA_NUM_THREADS)
+    c = shape[axis]
+    w, b = params(c, dtype)
+    dy = make(shape, axis, cl, dtype, seed=3, loc=-0.2)
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    for act in ("identity", "relu"):
+        for training in (True, False):
+            args = (x, w, b, rm, rv, None, training, 1e-5, axis, act)
+            got, want = cpu.fused_forward(*args), reference_forward(*args)
+            for g, r in zip(got, want):
+                close(g, r, dtype)
+            assert got[0].stride() == x.stride()
+    for training in (True, False):
+        stats = reference_forward(x, w, b, rm, rv, None, training, 1e-5, axis)[1:]
+        bargs = (dy, x, w, b, *stats, None, training, 1e-5, axis, "identity")
+        for g, r in zip(cpu.fused_backward_op(*bargs), reference_backward(*bargs)):
+            close(g, r, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_running_blend_equals_update_running(threads, dtype):
+    """fused_forward with a momentum blends the buffers as update_running does, in place,
+    and advances their version counters (autograd's in-place check sees the change)."""
+    torch.set_num_threads(threads)
+    x = make((64, 40, 3), 1, False, dtype) if threads == 1 else make((64, 40, 30), 1, False,
+                                                                      dtype)
+    rm, rv = torch.randn(40, dtype=dtype), torch.rand(40, dtype=dtype) + 0.5
+    want_m, want_v = rm.clone(), rv.clone()
+    ptr, version = rm.data_ptr(), rm._version
+    _, mean, var, count = cpu.fused_forward(x, None, None, rm, rv, None, True, 1e-5, 1,
+                                            "identity", 0.3)
+    BF.update_running(want_m, want_v, mean, var, count, 0.3)
+    close(rm, want_m, dtype)
+    close(rv, want_v, dtype)
+    assert rm.data_ptr() == ptr and rm._version > version and rv._version > 0
+
+
+def test_inference_builds_no_graph():
+    """Nothing requires grad: no autograd node, the same output as with one."""
+    m = bnkit.nn.BatchNorm1d(100).eval()
+    x = torch.randn(60, 100)
+    with torch.no_grad():
+        y = m(x)
+    assert y.grad_fn is None
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(m(xg).detach(), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mean", [1e3, 1e4, 1e5])
