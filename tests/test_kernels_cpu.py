@@ -306,6 +306,29 @@ def test_resolve_layouts():
     assert cpu_layout.resolve(ndhwc, 1) == ("cl", 240, 3, 1)
 
 
+def test_resolve_agrees_with_torch_contiguity():
+    """The cached, stride-only resolve() says dense exactly when torch's is_contiguous does
+    (size-1 dims, permutations, slices, expands, channels-last 4D/5D)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        nd = int(torch.randint(2, 6, (1,), generator=g))
+        shape = [int(s) for s in torch.randint(1, 4, (nd,), generator=g)]
+        base = torch.empty(shape)
+        perm = torch.randperm(nd, generator=g).tolist()
+        views = [base, base.permute(perm), base.permute(perm).contiguous().permute(
+            sorted(range(nd), key=perm.__getitem__))]
+        if shape[-1] > 1:
+            views.append(base[..., ::2])
+        views.append(base[:1].expand(3, *shape[1:]))
+        for x in views:
+            for axis in range(x.dim()):
+                fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+                dense = x.is_contiguous() or (axis == 1 and fmt is not None
+                                              and x.is_contiguous(memory_format=fmt))
+                assert (cpu_layout.resolve(x, axis) is not None) == dense, (x.shape,
+                                                                            x.stride(), axis)
+
+
 def test_large_output_keeps_format_and_values():
     """Outputs past the huge-page threshold (8 MiB) are ordinary tensors with x's strides."""
     x = make((8, 64, 64, 64), 1, True, torch.float32)

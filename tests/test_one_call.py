@@ -244,3 +244,37 @@ def test_constant_input_gives_exactly_the_bias(value, dtype, shape):
     assert torch.equal(var, torch.zeros(3, dtype=torch.float64))
     y = BF.batch_norm(x, weight=w, bias=b, training=True)
     assert torch.equal(y, b.view(1, 3, *[1] * (x.dim() - 2)).expand(shape))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parameters_and_buffers_of_other_dtypes(threads):
+    """float64 parameters on float32 input, weight and bias of different dtypes, and float64
+    buffers: read through float64 copies or in place, the reference's results."""
+    torch.set_num_threads(threads)
+    shape = (64, 40, 3) if threads == 1 else (64, 40, 30)
+    x, dy = make(shape, 1, False, torch.float32), make(shape, 1, False, torch.float32, seed=5)
+    w64, b64 = params(40, torch.float64)
+    for w, b in [(w64, b64), (w64.float(), b64), (w64, None)]:
+        for training in (True, False):
+            rm, rv = torch.randn(40, dtype=torch.float64), torch.rand(40).double() + 0.5
+            args = (x, w, b, rm, rv, None, training, 1e-5, 1, "identity")
+            got, want = cpu.fused_forward(*args), reference_forward(*args)
+            for g, r in zip(got, want):
+                close(g, r, torch.float32 if g.dtype == torch.float32 else torch.float64)
+            bargs = (dy, x, w, b, *want[1:], None, training, 1e-5, 1, "identity")
+            for g, r in zip(cpu.fused_backward_op(*bargs), reference_backward(*bargs)):
+                assert g.dtype == r.dtype
+                close(g, r, torch.float32)
+
+
+def test_failed_call_leaves_inference_buffers_untouched():
+    """Buffers made under torch.inference_mode cannot be updated outside it: the call fails
+    as torch's does and the buffers keep their values (no in-kernel blend first)."""
+    with torch.inference_mode():
+        m = bnkit.nn.BatchNorm1d(100)
+        m.running_mean.fill_(0.25)
+    x = torch.randn(60, 100)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        m(x)
+    assert torch.equal(m.running_mean, torch.full((100,), 0.25))
+    assert torch.equal(m.running_var, torch.ones(100)) and int(m.num_batches_tracked) == 0

@@ -224,9 +224,10 @@ def _running_in_place(running_mean, running_var, training, momentum):
         return None, None, False
     if running_mean is None:  # eval without buffers: not a valid call, leave it to the core
         return None
-    if _dense(running_mean) and _dense(running_var) and running_mean.dtype == running_var.dtype:
+    if (_dense(running_mean) and _dense(running_var) and running_mean.dtype == running_var.dtype
+            and not (update and running_mean.is_inference())):
         return running_mean, running_var, update
-    if update:
+    if update:  # e.g. inference-mode buffers: the core's update raises before any write
         return None
     f64 = torch.float64  # eval reads any dtype: float64 copies
     return running_mean.to(f64, copy=True), running_var.to(f64, copy=True), False
