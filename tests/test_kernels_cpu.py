@@ -276,8 +276,9 @@ def test_supports_and_auto_routing():
     assert cpu.supports(big, 1, None) and kernels.select(big, 1) is cpu
     assert cpu.supports(big.contiguous(memory_format=torch.channels_last), 1, None)
     assert cpu.supports(big, 1, torch.ones(8, 16, 16, dtype=torch.bool))  # masks delegated
-    tiny = torch.randn(4, 3)  # below MIN_NUMEL: the reference path is faster
-    assert not cpu.supports(tiny, 1, None) and kernels.select(tiny, 1) is ref
+    tiny = torch.randn(4, 3)  # the one-call ops are faster than the reference even here
+    assert cpu.supports(tiny, 1, None) and kernels.select(tiny, 1) is cpu
+    assert not cpu.supports(torch.randn(0, 3), 1, None)
     for dtype in (torch.float16, torch.bfloat16):
         assert not cpu.supports(big.to(dtype), 1, None)
         assert kernels.select(big.to(dtype), 1) is ref
@@ -304,6 +305,21 @@ def test_resolve_layouts():
     assert cpu_layout.resolve(nhwc, 1) == ("cl", 40, 3, 1)
     ndhwc = torch.empty(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
     assert cpu_layout.resolve(ndhwc, 1) == ("cl", 240, 3, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_float32_statistics_with_outliers_in_first_rows(threads, monkeypatch):
+    """The one-pass (M, C) float32 statistics shift by each chunk's first row: outliers
+    placed exactly there (1e4 std away, 1e6 off-centre data) still give float64-accurate
+    mean and variance, whatever the chunk size."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(40000, 3, generator=g, dtype=torch.float64) + 1e6).float()
+    rows = cpu_layout.cl_rows(40000, 3, threads)
+    x[::rows] += 1e4  # the first row of every chunk
+    got, want = cpu.batch_stats(x, 1), ref.batch_stats(x, 1)
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(got.var, want.var, rtol=1e-9, atol=0)
 
 
 def test_resolve_agrees_with_torch_contiguity():

@@ -12,10 +12,11 @@ import torch
 def update_running(running_mean, running_var, mean, var, count, momentum):
     """Blend batch statistics (mean, biased var, count) into the running buffers in place.
 
-    Two in-place ops per buffer: `add_` takes the statistics in their own (accumulation)
-    dtype, so the blend computes in it and rounds once into the buffer's dtype. Tensors
-    that carry autograd history are blended under no_grad (a context costs ~10 us, so
-    it is entered only then).
+    Computed in float64 as `r * (1 - momentum) + stat * w` (two products, one sum, each
+    rounded in float64) and rounded once into the buffer's dtype: the arithmetic of the cpu
+    backend's in-kernel blend (`kernels/cpu_ops._blend`), so eager runs on either backend
+    and compiled graphs agree bit for bit. Tensors that carry autograd history are blended
+    under no_grad (a context costs ~10 us, so it is entered only then).
     """
     tracked = (t is not None and t.requires_grad for t in (mean, var, running_mean, running_var))
     if torch.is_grad_enabled() and any(tracked):
@@ -27,15 +28,22 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 def _blend(running_mean, running_var, mean, var, count, momentum):
     keep = 1 - momentum
     if running_mean is not None:
-        running_mean.mul_(keep).add_(mean, alpha=momentum)
+        running_mean.copy_(_mix(running_mean, keep, mean, momentum))
     if running_var is None:
         return
     n = _host_count(count)
     if n is None:  # a traced or device count: stay in tensor ops (no sync, no graph break)
-        nt = count.to(var.dtype)
-        running_var.mul_(keep).add_(var * (nt / (nt - 1)), alpha=momentum)
+        nt = count.to(torch.float64)
+        factor = momentum * (nt / (nt - 1))
     else:  # n / (n - 1) folded into the scalar factor
-        running_var.mul_(keep).add_(var, alpha=momentum * (n / (n - 1)))
+        factor = momentum * (n / (n - 1))
+    running_var.copy_(_mix(running_var, keep, var, factor))
+
+
+def _mix(running, keep, stat, weight):
+    """running * keep + stat * weight in float64 (a new tensor)."""
+    f64 = torch.float64
+    return (running.to(f64) * keep).add_(stat.to(f64) * weight)
 
 
 def _host_count(count):

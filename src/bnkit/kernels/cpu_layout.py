@@ -17,6 +17,7 @@ import torch
 
 CHUNK = 65536  # values per reduction chunk: 256 KiB of float32, stays in L2 between passes
 BLOCK = 65536  # values per elementwise task
+SHIFT_ROWS = 4096  # rows per (M, C) statistics chunk: bounds cpu_numba._cl_shifted's error
 _HUGE = 1 << 21  # 2 MiB transparent huge page
 HUGE_MIN = 8 << 20  # outputs from this size get the huge-page advice (Linux)
 _CL_RANKS = (4, 5)  # NHWC (torch.channels_last) and NDHWC (torch.channels_last_3d)
@@ -80,8 +81,9 @@ def cf_split(outer: int, c: int, inner: int, threads: int) -> tuple[int, int, in
 
 
 def cl_rows(m: int, c: int, threads: int) -> int:
-    """Rows per reduction chunk of an (M, C) view: about CHUNK values, >= 4 chunks/thread."""
-    return max(1, min(CHUNK // max(c, 1), -(-m // (4 * threads))))
+    """Rows per reduction chunk of an (M, C) view: about CHUNK values, >= 4 chunks/thread,
+    at most SHIFT_ROWS (the one-pass float32 statistics' error bound)."""
+    return max(1, min(CHUNK // max(c, 1), SHIFT_ROWS, -(-m // (4 * threads))))
 
 
 _libc = None

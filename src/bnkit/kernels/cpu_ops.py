@@ -32,9 +32,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_numba as K
+from .cpu_layout import BLOCK
 
 _SERIAL = {"cache": True, "fastmath": False, "error_model": "numpy"}
-BLOCK = 65536  # values per elementwise task (cpu_layout.BLOCK)
 
 
 @intrinsic
@@ -186,15 +186,8 @@ def _serial_dy_sums(dy, x, outer, C, inner, mean, sum_dy, sum_dy_xmu):
 @njit(**_SERIAL)
 def _serial_elemt(dy, x, dx, outer, C, inner, mh, ac, kc, cc, training):
     """dx = (c + (x - mean_hi) k) + dy a (training) or dy a (eval: x does not enter)."""
-    if inner == 1:
-        for o in range(outer):
-            dyr, xr, dxr = dy[o * C:(o + 1) * C], x[o * C:(o + 1) * C], dx[o * C:(o + 1) * C]
-            if training:
-                for c in range(C):
-                    dxr[c] = (cc[c] + (xr[c] - mh[c]) * kc[c]) + dyr[c] * ac[c]
-            else:
-                for c in range(C):
-                    dxr[c] = dyr[c] * ac[c]
+    if inner == 1:  # cl: the same loops as cl_elemt, one task
+        K.cl_elemt_rows(dy, x, dx, 0, outer, C, mh, ac, kc, cc, training)
         return
     for o in range(outer):
         for c in range(C):
