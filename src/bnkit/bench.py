@@ -135,7 +135,17 @@ def environment() -> dict:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
             "torch": torch.__version__, "bnkit": __version__,
+            "torch huge pages": _torch_huge_pages(),
             "backends": kernels.backend_status(), "load_before": _load()}
+
+
+def _torch_huge_pages() -> str:
+    """Whether torch's CPU allocator asks for huge pages (THP_MEM_ALLOC_ENABLE=1). Large
+    fresh outputs cost 3-4x less with them, for torch and bnkit alike; bnkit advises huge
+    pages on its own large outputs either way, so the ratios on large shapes depend on it
+    (docs/performance.md)."""
+    return "on (THP_MEM_ALLOC_ENABLE=1)" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" \
+        else "off (set THP_MEM_ALLOC_ENABLE=1 to compare against torch with them)"
 
 
 # ---- variants and phases -------------------------------------------------------------------
