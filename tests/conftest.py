@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import pytest
+import torch
 
 import bnkit.data.fashion_mnist as fm
 
@@ -22,3 +23,12 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("BNKIT_DATA", raising=False)
     monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """torch (and so bnkit's cpu kernels) on one thread during the test; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,13 +23,7 @@ from bnkit.demo import (
 REAL_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train single-threaded, as the demo does, and restore the thread count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the demo trains single-threaded
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,9 @@ TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12},
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The small path is the one-thread path; restore the backend choice afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_auto_after(one_thread):
+    """One thread (the serial loops) unless a test asks for two; 'auto' backend after."""
     yield
-    torch.set_num_threads(threads)
     kernels.set_backend("auto")
 
 
@@ -54,20 +51,21 @@ def close(got, want, dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-def reference_forward(*args):
+def on_reference(op, *args):
+    """The core's forward or backward op run on the reference backend (the oracle)."""
     kernels.set_backend("reference")
     try:
-        return A._forward_impl(*args)
+        return op(*args)
     finally:
         kernels.set_backend("auto")
+
+
+def reference_forward(*args):
+    return on_reference(A._forward_impl, *args)
 
 
 def reference_backward(*args):
-    kernels.set_backend("reference")
-    try:
-        return A._backward_impl(*args)
-    finally:
-        kernels.set_backend("auto")
+    return on_reference(A._backward_impl, *args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
