@@ -12,8 +12,9 @@ import torch
 def update_running(running_mean, running_var, mean, var, count, momentum):
     """Blend batch statistics (mean, biased var, count) into the running buffers in place.
 
-    Computed in float64 as `r * (1 - momentum) + stat * w` (two products, one sum, each
-    rounded in float64) and rounded once into the buffer's dtype: the arithmetic of the cpu
+    Computed in float64 (the statistics' dtype for float32/float64 input; float32 for half
+    input) as `r * (1 - momentum) + stat * w` (two products, one sum, each rounded) and
+    rounded once into the buffer's dtype: the arithmetic of the cpu
     backend's in-kernel blend (`kernels/cpu_ops._blend`), so eager runs on either backend
     and compiled graphs agree bit for bit. Tensors that carry autograd history are blended
     under no_grad (a context costs ~10 us, so it is entered only then).
@@ -41,9 +42,10 @@ def _blend(running_mean, running_var, mean, var, count, momentum):
 
 
 def _mix(running, keep, stat, weight):
-    """running * keep + stat * weight in float64 (a new tensor)."""
-    f64 = torch.float64
-    return (running.to(f64) * keep).add_(stat.to(f64) * weight)
+    """running * keep + stat * weight in the wider of the two dtypes (float64 for float32 or
+    float64 input, whose statistics are float64), as a new tensor."""
+    dt = torch.promote_types(running.dtype, stat.dtype)
+    return (running.to(dt) * keep).add_(stat.to(dt) * weight)
 
 
 def _host_count(count):
