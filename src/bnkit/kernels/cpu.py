@@ -52,7 +52,7 @@ FUSE_BYTES = 8 << 20  # a channel's dy + x up to this stays cached for fused_bac
 _DTYPES = (torch.float32, torch.float64)
 _FAST_ACTS = ("identity", "relu")
 _local = threading.local()
-_NO_PARAM = {dt: torch.empty(1, dtype=dt).numpy() for dt in _DTYPES}  # stands in for None
+_LIKE = {dt: torch.empty(0, dtype=dt).numpy() for dt in _DTYPES}  # dtype witnesses
 
 
 def available() -> bool:
@@ -174,15 +174,6 @@ def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=
     return dx
 
 
-def _param(t, x):
-    """(numpy view, present) of an optional (C,) weight or bias, float32/float64 kept as is
-    (the kernels widen it to float64 exactly as `affine_coeffs` does)."""
-    if t is None:
-        return _NO_PARAM[x.dtype], False
-    return _vec(t, t.dtype if t.dtype in _DTYPES else torch.float64), True
-
-
-_LIKE = {dt: np.empty(0, dtype=_NO_PARAM[dt].dtype) for dt in _DTYPES}  # dtype witnesses
 
 
 def _dense(t) -> bool:
