@@ -85,12 +85,13 @@ def test_fused_forward_and_backward_equal_the_reference(shape, axis, cl, dtype):
         for g, r in zip(got, want):
             close(g, r, dtype)
         assert got[0].stride() == x.stride()
-        bargs = (dy, x, wt, bt, *want[1:], None, training, 1e-5, axis, "identity")
-        got_b = cpu.fused_backward_op(*bargs)
-        want_b = reference_backward(*bargs)
-        assert got_b is not None
-        for g, r in zip(got_b, want_b):
-            close(g, r, dtype)
+        for act in ("identity", "relu"):
+            bargs = (dy, x, wt, bt, *want[1:], None, training, 1e-5, axis, act)
+            got_b = cpu.fused_backward_op(*bargs)
+            want_b = reference_backward(*bargs)
+            assert got_b is not None
+            for g, r in zip(got_b, want_b):
+                close(g, r, dtype)
 
 
 def test_backward_takes_an_expanded_dy():
@@ -156,7 +157,7 @@ def test_inputs_that_need_the_primitives_get_none():
     args = (x, x, None, None, torch.zeros(100).double(), torch.ones(100).double(),
             torch.tensor(60.0).double())
     assert cpu.fused_backward_op(*args, mask, True, 1e-5, 1) is None
-    assert cpu.fused_backward_op(*args, None, True, 1e-5, 1, "relu") is None
+    assert cpu.fused_backward_op(*args, None, True, 1e-5, 1, "silu") is None
 
 
 # (shape, axis, channels_last) large enough for the parallel kernels on 2 threads: cf with
@@ -184,9 +185,10 @@ def test_parallel_ops_equal_the_reference(shape, axis, cl, dtype):
             assert got[0].stride() == x.stride()
     for training in (True, False):
         stats = reference_forward(x, w, b, rm, rv, None, training, 1e-5, axis)[1:]
-        bargs = (dy, x, w, b, *stats, None, training, 1e-5, axis, "identity")
-        for g, r in zip(cpu.fused_backward_op(*bargs), reference_backward(*bargs)):
-            close(g, r, dtype)
+        for act in ("identity", "relu"):
+            bargs = (dy, x, w, b, *stats, None, training, 1e-5, axis, act)
+            for g, r in zip(cpu.fused_backward_op(*bargs), reference_backward(*bargs)):
+                close(g, r, dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -265,10 +265,10 @@ def _f64(t):
 def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps, axis=1,
                       act="identity"):
     """The backward op in one kernel call -> (dx, dweight, dbias), or None when the input
-    needs `fused_backward` (a mask, an activation, a layout the kernels do not take).
+    needs `fused_backward` (a mask, silu/gelu, a layout the kernels do not take).
     dweight, dbias have the parameters' dtype (x's without weight)."""
     lay = _fast(x, axis)
-    if lay is None or mask is not None or act != "identity" or dy.shape != x.shape:
+    if lay is None or mask is not None or act not in _FAST_ACTS or dy.shape != x.shape:
         return None
     pdt = weight.dtype if weight is not None else x.dtype
     if pdt not in _DTYPES:
@@ -281,12 +281,13 @@ def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps
     s_dy, s_dyx = np.empty(c), np.empty(c)
     dw, db = np.empty(c, dtype=_LIKE[pdt].dtype), np.empty(c, dtype=_LIKE[pdt].dtype)
     dx = L.empty_like(dy)
-    wa, _, lp, has_w, _, _keep = _params(weight, None, x)
+    relu = act == "relu"
+    wa, ba, lp, has_w, has_b, _keep = _params(weight, bias if relu else None, x)
     mean, var = _f64(mean), _f64(var)
     O.backward_op(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), outer, c, inner, _LIKE[x.dtype],
                   t > 1, fuse, *_split(kind, outer, c, inner, t), mean.data_ptr(),
-                  var.data_ptr(), float(eps), wa, lp, has_w, float(count), bool(training),
-                  s_dy, s_dyx, dw, db)
+                  var.data_ptr(), float(eps), wa, ba, lp, has_w, has_b, relu, float(count),
+                  bool(training), s_dy, s_dyx, dw, db)
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
 
@@ -358,7 +359,9 @@ def warmup() -> str:
             _cf_fused_backward(L.resolve(x, axis), x, x, mean, invstd, w, count)
             for training in (True, False):  # a layer: float buffers blended / read
                 fused_forward(x, w, w, rm, rv, None, training, 1e-5, axis, "identity", 0.1)
-                fused_backward_op(x, x, w, w, mean, var, count, None, training, 1e-5, axis)
+                for act in _FAST_ACTS:
+                    fused_backward_op(x, x, w, w, mean, var, count, None, training, 1e-5,
+                                      axis, act)
             fused_forward(x, None, None, None, None, None, True, 1e-5, axis)  # functional
             fused_backward_op(x, x, None, None, mean, var, count, None, True, 1e-5, axis)
     return status()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -241,16 +241,61 @@ def forward_op(xa, ya, outer, C, inner, lx, par, rows, pieces, width, wa, ba, lp
 
 
 @njit(**_SERIAL)
+def _relu_grad_rows(dy, x, dz, r0, r1, C, inner, mh, sc, sh):
+    """dz = dy * relu'(z), z = (x - mean_hi) scale + shift recomputed, over rows [r0, r1)
+    of the (rows, inner) view (inner == 1: rows of C channels). relu'(z) is 1.0 or 0.0 as
+    in the primitives' `act_backward` (dy * 0.0 keeps the sign of zero and NaN)."""
+    one, zero = x.dtype.type(1), x.dtype.type(0)
+    if inner == 1:
+        for m in range(r0, r1):
+            for c in range(C):
+                i = m * C + c
+                z = (x[i] - mh[c]) * sc[c] + sh[c]
+                dz[i] = dy[i] * (one if z > zero else zero)
+        return
+    for r in range(r0, r1):
+        c = r % C
+        m, a, h = mh[c], sc[c], sh[c]
+        for i in range(r * inner, (r + 1) * inner):
+            dz[i] = dy[i] * (one if (x[i] - m) * a + h > zero else zero)
+
+
+@njit(**K._ELEM)
+def _relu_grad_par(dy, x, dz, nrows, C, inner, per, mh, sc, sh):
+    """_relu_grad_rows in tasks of `per` rows."""
+    for t in prange(-(-nrows // per)):
+        _relu_grad_rows(dy, x, dz, t * per, min(nrows, (t + 1) * per), C, inner, mh, sc, sh)
+
+
+@njit(**_SERIAL)
+def _relu_grad(dy, x, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b):
+    """A new dz = dy * relu'(z) for the relu activation's backward."""
+    mh, sc, sh = _fwd_coeffs(mean, var, eps, w, b, has_w, has_b, x)
+    dz = np.empty(dy.size, dy.dtype)
+    nrows = outer if inner == 1 else outer * C
+    if par:
+        _relu_grad_par(dy, x, dz, nrows, C, inner, max(1, BLOCK // (C if inner == 1 else inner)),
+                       mh, sc, sh)
+    else:
+        _relu_grad_rows(dy, x, dz, 0, nrows, C, inner, mh, sc, sh)
+    return dz
+
+
+@njit(**_SERIAL)
 def backward_op(dya, xa, dxa, outer, C, inner, lx, par, fuse, rows, pieces, width, ma, va,
-                eps, wa, lp, has_w, cnt, training, sum_dy, sum_dy_xmu, dw, db):
-    """Identity-activation backward into dx at dxa (dy at dya laid out as x, dtype lx):
-    sum_dy, sum_dy_xmu (C,) float64, dweight = sum_dy_xmu invstd and dbias = sum_dy into
-    dw, db (the parameters' dtype). ma, va: the forward's float64 statistics (C,); cnt
-    the count. `fuse` (training, inner > 1, par): one task per channel, sums then dx from cache."""
+                eps, wa, ba, lp, has_w, has_b, relu, cnt, training, sum_dy, sum_dy_xmu, dw, db):
+    """Backward of the identity or relu activation into dx at dxa (dy at dya laid out as x,
+    dtype lx): with relu, dy becomes dz = dy relu'(z) first (z recomputed from the weight
+    and bias at wa, ba). Then sum_dy, sum_dy_xmu (C,) float64, dweight = sum_dy_xmu invstd
+    and dbias = sum_dy into dw, db (the parameters' dtype), and dx. ma, va: the forward's
+    float64 statistics (C,); cnt the count. `fuse` (training, inner > 1, par): one task per
+    channel, sums then dx from cache."""
     n = outer * C * inner
     dy, x, dx = _view(dya, n, lx), _view(xa, n, lx), _view(dxa, n, lx)
-    w = _view(wa, C if has_w else 0, lp)
+    w, b = _view(wa, C if has_w else 0, lp), _view(ba, C if has_b else 0, lp)
     mean, var = _view(ma, C, sum_dy), _view(va, C, sum_dy)
+    if relu:
+        dy = _relu_grad(dy, x, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b)
     invstd = 1.0 / np.sqrt(var + eps)
     if fuse:
         wf = np.ones(C)
