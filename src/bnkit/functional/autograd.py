@@ -191,6 +191,29 @@ class _EagerBatchNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None
 
 
+class _FuncBatchNorm(torch.autograd.Function):
+    """The same op for torch.func transforms (grad, jacrev, functional_call + grad, as in
+    meta-learning), which accept only the setup_context form: it costs the argument binding
+    `_EagerBatchNorm` avoids, so it is used only while a transform is active. Transforms
+    differentiate with create_graph, so the backward runs `_differentiable_bwd`. vmap has
+    no rule (the kernels are opaque): torch raises its own error for it."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act):
+        return _forward_impl(x, weight, bias, running_mean, running_var, mask, training, eps,
+                             axis, act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+
+    backward = staticmethod(_backward)
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _needs_graph(x, weight, bias) -> bool:
     """Autograd will record this call: grad mode on and some input requires grad."""
     if not torch.is_grad_enabled():
@@ -208,6 +231,8 @@ def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, ax
     args = (x, weight, bias, running_mean, running_var, mask, training, eps, axis, act)
     if torch.compiler.is_compiling():
         return (*batch_norm_fwd(*args), False)
+    if _functorch_active():  # torch.func.grad & co: the setup_context form
+        return (*_FuncBatchNorm.apply(*args), False)
     if not _needs_graph(x, weight, bias):  # inference: no autograd node to build
         return _run_forward(*args, momentum)
     stats = []
