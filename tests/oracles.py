@@ -28,3 +28,9 @@ def bn_inputs(model, data):
         h.remove()
     return {n: torch.cat(xs).double().transpose(0, 1).reshape(xs[0].shape[1], -1)
             for n, xs in seen.items()}
+
+
+def assert_pairs_close(*pairs, tol=1e-10):
+    """Each (got, want) pair equal within `tol`, relative and absolute (float64 oracles)."""
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -40,7 +40,7 @@ def test_grad_and_grad_of_grad_match_torch(track, training):
               "bias": torch.full((4,), -0.25, dtype=torch.float64)}
     results = []
     for m in pair(track, training):
-        loss = lambda p, x, m=m: functional_call(m, p, (x,)).pow(3).sum()  # noqa: E731
+        loss = lambda p, x, m=m: functional_call(m, p, (x,)).pow(3).sum()
         g_params = grad(loss)(params, x)
         g_x = grad(lambda x, m=m: m(x).pow(3).sum())(x)
         gg_x = grad(lambda x, m=m: grad(lambda z: m(z).pow(3).sum())(x).sum())(x)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracles import assert_pairs_close
 
 from bnkit.nn import GhostBatchNorm
 from bnkit.nn.ghost import chunk_sizes
@@ -46,10 +47,8 @@ def test_matches_torch_bn_chunk_by_chunk(shape):
     dy = torch.randn_like(ya)
     ya.backward(dy)
     yb.backward(dy)
-    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(m.bias.grad, b.grad, rtol=1e-10, atol=1e-10)
+    assert_pairs_close((ya, yb), (xa.grad, xb.grad), (m.weight.grad, w.grad),
+                       (m.bias.grad, b.grad))
 
 
 def test_channels_last():

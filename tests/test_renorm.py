@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracles import assert_pairs_close
 
 from bnkit.nn import BatchRenorm, renorm_schedule
 
@@ -50,10 +51,8 @@ def test_training_matches_formula(r_max, d_max):
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(xb.grad, xo.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(m.bias.grad, b.grad, rtol=1e-10, atol=1e-10)
+    assert_pairs_close((y, y_ref), (xb.grad, xo.grad), (m.weight.grad, w.grad),
+                       (m.bias.grad, b.grad))
     # dL/dw = sum dy * (xhat_B * r + d), dL/db = sum dy, with r, d constants
     torch.testing.assert_close(m.weight.grad, (dy * xhat).sum((0, 2)), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(m.running_mean, rm_ref, rtol=1e-12, atol=1e-12)

@@ -15,9 +15,20 @@ from .normalize import normalize
 from .running import update_running
 from .stats import Stats, batch_stats, merge_many, merge_stats
 
-__all__ = ["batch_norm", "batch_stats", "normalize", "backward_reduce", "backward_elemt",
-           "act_backward", "grad_affine", "update_running", "merge_stats", "merge_many", "Stats",
-           "ACTIVATIONS"]
+__all__ = [
+    "ACTIVATIONS",
+    "Stats",
+    "act_backward",
+    "backward_elemt",
+    "backward_reduce",
+    "batch_norm",
+    "batch_stats",
+    "grad_affine",
+    "merge_many",
+    "merge_stats",
+    "normalize",
+    "update_running",
+]
 
 
 def _valid_count(x, axis, mask) -> int:

@@ -35,9 +35,9 @@ def _resolve(shape, stride, axis):
     if _dense_in(shape, stride, range(len(shape))):
         outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
         return ("cf", outer, c, inner) if inner > 1 else ("cl", outer, c, 1)
-    if axis == 1 and len(shape) in _CL_RANKS:
-        if _dense_in(shape, stride, (0, *range(2, len(shape)), 1)):
-            return ("cl", math.prod(shape) // max(c, 1), c, 1)
+    nhwc_order = (0, *range(2, len(shape)), 1)  # channels innermost (NHWC / NDHWC)
+    if axis == 1 and len(shape) in _CL_RANKS and _dense_in(shape, stride, nhwc_order):
+        return ("cl", math.prod(shape) // max(c, 1), c, 1)
     return None
 
 

@@ -10,8 +10,16 @@ from ..functional.normalize import normalize
 from ..functional.stats import batch_stats
 
 NAME = "reference"
-__all__ = ["NAME", "available", "supports", "batch_stats", "normalize", "backward_reduce",
-           "backward_elemt", "act_backward"]
+__all__ = [
+    "NAME",
+    "act_backward",
+    "available",
+    "backward_elemt",
+    "backward_reduce",
+    "batch_stats",
+    "normalize",
+    "supports",
+]
 
 
 def available() -> bool:
