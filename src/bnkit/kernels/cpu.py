@@ -282,9 +282,11 @@ def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps
     dw, db = np.empty(c, dtype=_LIKE[pdt].dtype), np.empty(c, dtype=_LIKE[pdt].dtype)
     dx = L.empty_like(dy)
     relu = act == "relu"
+    dz = L.empty_like(x) if relu and not fuse else None  # relu's dz: huge pages when large
     wa, ba, lp, has_w, has_b, _keep = _params(weight, bias if relu else None, x)
     mean, var = _f64(mean), _f64(var)
-    O.backward_op(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), outer, c, inner, _LIKE[x.dtype],
+    O.backward_op(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), 0 if dz is None else dz.data_ptr(),
+                  outer, c, inner, _LIKE[x.dtype],
                   t > 1, fuse, *_split(kind, outer, c, inner, t), mean.data_ptr(),
                   var.data_ptr(), float(eps), wa, ba, lp, has_w, has_b, relu, float(count),
                   bool(training), s_dy, s_dyx, dw, db)
@@ -319,8 +321,9 @@ def _cf_fused_backward(lay, dy, x, mean, invstd, weight, count):
     w = _vec(weight, f64) if weight is not None else torch.ones(c, dtype=f64).numpy()
     sums = torch.empty(2, c, dtype=f64)
     dx = L.empty_like(dy)
+    none = _LIKE[x.dtype]  # no relu: the coefficient arrays are not read
     K.cf_fused_bwd(L.flat(dy), L.flat(x), L.flat(dx), outer, c, inner, _vec(mean, f64),
-                   _vec(invstd, f64), w, float(count), *sums.numpy())
+                   _vec(invstd, f64), w, float(count), *sums.numpy(), False, none, none, none)
     return dx, sums[0], sums[1]
 
 

@@ -341,17 +341,45 @@ def _elemt_coeffs(mean, invstd, w, sum_dy, sum_dy_xmu, n, like):
     return mean_hi, like.dtype.type(a), like.dtype.type(k), like.dtype.type(c)
 
 
+@njit(**_SERIAL)
+def _relu_gate(xv, mean_hi, scale, shift, one, zero):
+    """relu'(z) as `one` or `zero`, z = (xv - mean_hi) scale + shift (IEEE, no fastmath:
+    inlined into a reassoc loop it keeps its own flags, so z rounds as in the forward)."""
+    return one if (xv - mean_hi) * scale + shift > zero else zero
+
+
+@njit(**_SUM_SERIAL)
+def _dz_sums(dys, xs, m, mh, sc, sh):
+    """_dy_sums of dz = dy relu'(z) (dz formed in x's dtype, as the relu backward does)."""
+    one, zero = xs.dtype.type(1), xs.dtype.type(0)
+    s = 0.0
+    q = 0.0
+    for i in range(xs.size):
+        g = np.float64(dys[i] * _relu_gate(xs[i], mh, sc, sh, one, zero))
+        s += g
+        q += g * (np.float64(xs[i]) - m)
+    return s, q
+
+
 @njit(**_ELEM)
-def cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, w, n, sum_dy, sum_dy_xmu):
+def cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, w, n, sum_dy, sum_dy_xmu, relu,
+                 fmh, fsc, fsh):
     """Training backward of (outer, C, inner): per channel, the sums (dy and x read from
     memory), then dx = (c + (x - mean_hi) k) + dy a while the channel is still in cache.
-    w: (C,) float64 weight (ones without one: a = s * 1 is exact)."""
+    w: (C,) float64 weight (ones without one: a = s * 1 is exact). With relu, dy stands
+    for dz = dy relu'(z), z recomputed from the forward's coefficients fmh, fsc, fsh (C,)
+    in both passes: no dz tensor."""
+    one, zero = x.dtype.type(1), x.dtype.type(0)
     for c in prange(C):
         s = 0.0
         q = 0.0
         for o in range(outer):
             i0 = (o * C + c) * inner
-            a, b = _dy_sums(dy[i0:i0 + inner], x[i0:i0 + inner], mean[c])
+            if relu:
+                a, b = _dz_sums(dy[i0:i0 + inner], x[i0:i0 + inner], mean[c], fmh[c], fsc[c],
+                                fsh[c])
+            else:
+                a, b = _dy_sums(dy[i0:i0 + inner], x[i0:i0 + inner], mean[c])
             s += a
             q += b
         sum_dy[c], sum_dy_xmu[c] = s, q
@@ -359,8 +387,14 @@ def cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, w, n, sum_dy, sum_dy_
         for o in range(outer):
             i0 = (o * C + c) * inner
             dys, xs, dxs = dy[i0:i0 + inner], x[i0:i0 + inner], dx[i0:i0 + inner]
-            for j in range(inner):
-                dxs[j] = (cc + (xs[j] - m) * kc) + dys[j] * ac
+            if relu:
+                mh, sc, sh = fmh[c], fsc[c], fsh[c]
+                for j in range(inner):
+                    g = dys[j] * _relu_gate(xs[j], mh, sc, sh, one, zero)
+                    dxs[j] = (cc + (xs[j] - m) * kc) + g * ac
+            else:
+                for j in range(inner):
+                    dxs[j] = (cc + (xs[j] - m) * kc) + dys[j] * ac
 
 
 @njit(**_SERIAL)

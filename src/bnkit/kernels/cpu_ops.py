@@ -250,14 +250,13 @@ def _relu_grad_rows(dy, x, dz, r0, r1, C, inner, mh, sc, sh):
         for m in range(r0, r1):
             for c in range(C):
                 i = m * C + c
-                z = (x[i] - mh[c]) * sc[c] + sh[c]
-                dz[i] = dy[i] * (one if z > zero else zero)
+                dz[i] = dy[i] * K._relu_gate(x[i], mh[c], sc[c], sh[c], one, zero)
         return
     for r in range(r0, r1):
         c = r % C
         m, a, h = mh[c], sc[c], sh[c]
         for i in range(r * inner, (r + 1) * inner):
-            dz[i] = dy[i] * (one if (x[i] - m) * a + h > zero else zero)
+            dz[i] = dy[i] * K._relu_gate(x[i], m, a, h, one, zero)
 
 
 @njit(**K._ELEM)
@@ -268,10 +267,9 @@ def _relu_grad_par(dy, x, dz, nrows, C, inner, per, mh, sc, sh):
 
 
 @njit(**_SERIAL)
-def _relu_grad(dy, x, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b):
-    """A new dz = dy * relu'(z) for the relu activation's backward."""
+def _relu_grad(dy, x, dz, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b):
+    """dz = dy * relu'(z) for the relu activation's backward, into dz; returns dz."""
     mh, sc, sh = _fwd_coeffs(mean, var, eps, w, b, has_w, has_b, x)
-    dz = np.empty(dy.size, dy.dtype)
     nrows = outer if inner == 1 else outer * C
     if par:
         _relu_grad_par(dy, x, dz, nrows, C, inner, max(1, BLOCK // (C if inner == 1 else inner)),
@@ -282,11 +280,13 @@ def _relu_grad(dy, x, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b):
 
 
 @njit(**_SERIAL)
-def backward_op(dya, xa, dxa, outer, C, inner, lx, par, fuse, rows, pieces, width, ma, va,
-                eps, wa, ba, lp, has_w, has_b, relu, cnt, training, sum_dy, sum_dy_xmu, dw, db):
+def backward_op(dya, xa, dxa, za, outer, C, inner, lx, par, fuse, rows, pieces, width, ma,
+                va, eps, wa, ba, lp, has_w, has_b, relu, cnt, training, sum_dy, sum_dy_xmu, dw,
+                db):
     """Backward of the identity or relu activation into dx at dxa (dy at dya laid out as x,
     dtype lx): with relu, dy becomes dz = dy relu'(z) first (z recomputed from the weight
-    and bias at wa, ba). Then sum_dy, sum_dy_xmu (C,) float64, dweight = sum_dy_xmu invstd
+    and bias at wa, ba; into the scratch buffer at za, unless `fuse` recomputes it on the
+    fly). Then sum_dy, sum_dy_xmu (C,) float64, dweight = sum_dy_xmu invstd
     and dbias = sum_dy into dw, db (the parameters' dtype), and dx. ma, va: the forward's
     float64 statistics (C,); cnt the count. `fuse` (training, inner > 1, par): one task per
     channel, sums then dx from cache."""
@@ -294,15 +294,18 @@ def backward_op(dya, xa, dxa, outer, C, inner, lx, par, fuse, rows, pieces, widt
     dy, x, dx = _view(dya, n, lx), _view(xa, n, lx), _view(dxa, n, lx)
     w, b = _view(wa, C if has_w else 0, lp), _view(ba, C if has_b else 0, lp)
     mean, var = _view(ma, C, sum_dy), _view(va, C, sum_dy)
-    if relu:
-        dy = _relu_grad(dy, x, outer, C, inner, par, mean, var, eps, w, b, has_w, has_b)
+    if relu and not fuse:  # the per-channel kernel recomputes relu'(z) itself
+        dy = _relu_grad(dy, x, _view(za, n, lx), outer, C, inner, par, mean, var, eps, w, b,
+                        has_w, has_b)
     invstd = 1.0 / np.sqrt(var + eps)
     if fuse:
         wf = np.ones(C)
         if has_w:
             for c in range(C):
                 wf[c] = w[c]
-        K.cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, wf, cnt, sum_dy, sum_dy_xmu)
+        fmh, fsc, fsh = _fwd_coeffs(mean, var, eps, w, b, has_w, has_b, x)
+        K.cf_fused_bwd(dy, x, dx, outer, C, inner, mean, invstd, wf, cnt, sum_dy, sum_dy_xmu,
+                       relu, fmh, fsc, fsh)
     elif not par:
         _serial_dy_sums(dy, x, outer, C, inner, mean, sum_dy, sum_dy_xmu)
     elif inner > 1:
