@@ -174,8 +174,6 @@ def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=
     return dx
 
 
-
-
 def _dense(t) -> bool:
     """The kernels can read t in place through its address: contiguous float32/64 CPU."""
     return t.dtype in _DTYPES and t.is_cpu and t.is_contiguous()
