@@ -101,6 +101,8 @@ def _check_real(name, v, fix) -> None:
 
 
 def check_scalars(momentum, eps) -> None:
+    if type(momentum) is float and type(eps) is float and 0.0 <= momentum <= 1.0 and eps >= 0:
+        return  # the common case; the rest explains a failure
     _check_real("momentum", momentum, "the functional form takes a float (a module's "
                 "momentum=None, the cumulative average, reaches it as 1 / num_batches_tracked)")
     _check_real("eps", eps, "pass a float such as 1e-5")
