@@ -32,3 +32,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def python_ops(monkeypatch):
+    """Layer calls on the 'cpu' backend take the Python autograd.Function path, not the
+    native C++ node (as when the native op is off or cannot be built)."""
+    from bnkit import kernels
+    monkeypatch.setattr(kernels, "_native", None)

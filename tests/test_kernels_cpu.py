@@ -214,8 +214,9 @@ def test_end_to_end_matches_torch_float64(fast_small):
 
 @pytest.mark.parametrize("act", ["identity", "relu"])
 @pytest.mark.parametrize("cl,axis", [(False, 1), (True, 1), (False, -1)])
-def test_gradcheck_through_fast_path(fast_small, monkeypatch, cl, axis, act):
-    """The one-call forward and backward, relu's derivative included."""
+def test_gradcheck_through_fast_path(fast_small, python_ops, monkeypatch, cl, axis, act):
+    """The one-call forward and backward, relu's derivative included (the Python
+    autograd.Function path; tests/test_native.py checks the native node)."""
     kernels.set_backend("cpu")
     calls = []
     for name in ("fused_forward", "fused_backward_op", "backward_reduce", "backward_elemt"):

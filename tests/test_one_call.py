@@ -27,11 +27,22 @@ TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12},
        torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_auto_after(one_thread):
-    """One thread (the serial loops) unless a test asks for two; 'auto' backend after."""
-    yield
+@pytest.fixture(autouse=True, params=["native", "python"])
+def path(request, one_thread, monkeypatch):
+    """Every test twice: layer calls through the native C++ node, and through the Python
+    autograd.Function (both run the same one-call ops). One thread (the serial loops)
+    unless a test asks for two; 'auto' backend after."""
+    if request.param == "python":
+        monkeypatch.setattr(kernels, "_native", None)
+    elif kernels.native_module() is None:
+        pytest.skip(f"native op unavailable: {kernels_native_status()}")
+    yield request.param
     kernels.set_backend("auto")
+
+
+def kernels_native_status():
+    from bnkit.kernels import native
+    return native.status()
 
 
 def make(shape, axis, cl, dtype, seed=0, loc=0.5, scale=2.0):
@@ -132,17 +143,22 @@ def test_layer_matches_the_reference_backend(shape, dtype):
     close(mc.bias.grad, mr.bias.grad, dtype)
 
 
-def test_layer_uses_the_one_call_kernels(monkeypatch):
+def test_layer_uses_the_one_call_kernels(monkeypatch, path):
     calls = []
     for name in ("forward_op", "backward_op"):
         real = getattr(cpu.O, name)
         monkeypatch.setattr(cpu.O, name, lambda *a, _f=real, _n=name: (calls.append(_n),
                                                                        _f(*a))[1])
+    if path == "native":  # the node calls the compiled ops directly, not their dispatchers
+        from bnkit.kernels import native
+        real_call = native.call
+        monkeypatch.setattr(native, "call", lambda *a: (calls.append("native"),
+                                                        real_call(*a))[1])
     m = bnkit.nn.BatchNorm1d(100)
     x = torch.randn(60, 100, requires_grad=True)
     assert kernels.select(x, 1) is cpu
     m(x).sum().backward()
-    assert calls == ["forward_op", "backward_op"]
+    assert calls == (["native"] if path == "native" else ["forward_op", "backward_op"])
 
 
 def test_inputs_that_need_the_primitives_get_none():

@@ -9,7 +9,7 @@ import torch
 
 from . import checks
 from .activation import ACTIVATIONS, check_act
-from .autograd import bn_apply
+from .autograd import bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
 from .normalize import normalize
 from .running import update_running
@@ -86,6 +86,15 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         >>> torch.allclose(y.mean((0, 2)), torch.zeros(3), atol=1e-6)
         True
     """
+    return counted_batch_norm(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, axis, mask, act, None)
+
+
+def counted_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       axis, mask, act, counter):
+    """`batch_norm` with positional arguments, for layers: `counter` (a layer's
+    num_batches_tracked, or None) advances by one after a successful training call with
+    running buffers, inside the native op when it runs the call."""
     axis = _validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
                      axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
@@ -93,11 +102,19 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
     update = training and running_mean is not None
+    if not update:
+        counter = None
+    y = native_apply(input, weight, bias, running_mean, running_var, mask, training, eps, axis,
+                     act, float(momentum) if update else None, counter)
+    if y is not None:
+        return y
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)
     if update and not blended:
         update_running(running_mean, running_var, mean, var, n, momentum)
+    if counter is not None:
+        counter.add_(1)
     return y
 
 

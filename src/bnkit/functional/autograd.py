@@ -222,6 +222,29 @@ def _needs_graph(x, weight, bias) -> bool:
             or (bias is not None and bias.requires_grad))
 
 
+def native_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act,
+                 momentum, counter=None):
+    """y from the native C++ autograd node (`bnkit.kernels.native`) when it takes this eager
+    call, blending the running buffers in place when `momentum` is given and advancing
+    `counter` (an int64 step count) by one; else None, nothing touched. Only for callers
+    that need y alone (the statistics stay inside the node)."""
+    if mask is not None or _compiling() or _functorch_active():
+        return None
+    native = kernels.native_module()
+    if native is None:
+        return None
+    update = momentum is not None
+    plan = native.plan(x, weight, bias, running_mean, running_var, training, update, axis, act,
+                       counter)
+    if plan is None:
+        return None
+    return native.call(x, weight, bias, running_mean, running_var, counter, training, eps,
+              momentum if update else 0.0, update, act == "relu", plan)
+
+
+_compiling = torch.compiler.is_compiling
+
+
 def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
              act="identity", momentum=None):
     """Run the forward op (the mask gets its channel axis here).

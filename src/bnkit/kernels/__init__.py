@@ -108,3 +108,22 @@ def backend_status() -> dict[str, str]:
         else:
             out[name] = getattr(mod, "status", lambda: "available")()
     return out
+
+
+
+_native = False  # the `native` module when its op is built; False: not looked up yet
+
+
+def native_module():
+    """The `native` module (`native.plan`, `native.call`) when the selected backend is
+    'auto' or 'cpu' and the native C++ autograd op is built (building it on first use),
+    else None. See bnkit.kernels.native."""
+    global _native
+    if (_current or get_backend()) not in ("auto", "cpu"):
+        return None
+    if _native is False:
+        _native = None
+        if _load("cpu") is not None:
+            from . import native
+            _native = native if native.op() is not None else None
+    return _native

@@ -346,7 +346,8 @@ def act_backward(dy, x, mean, invstd, weight, bias, axis=1, act="identity"):
 
 def warmup() -> str:
     """Compile (or load from numba's cache) every kernel for float32 and float64, both
-    layouts; returns `status()`. Takes ~1 min cold, well under a second warm."""
+    layouts, and build (or load) the native op; returns `status()`. Takes ~1 min cold
+    (plus ~1 min for the native op's first build), a second or two warm."""
     for dtype in _DTYPES:
         for x, axis in ((torch.randn(3, 2, 5, dtype=dtype), 1),
                         (torch.randn(5, 3, dtype=dtype), 1)):
@@ -365,6 +366,8 @@ def warmup() -> str:
                                       axis, act)
             fused_forward(x, None, None, None, None, None, True, 1e-5, axis)  # functional
             fused_backward_op(x, x, None, None, mean, var, count, None, True, 1e-5, axis)
+    from . import native
+    native.op()  # the C++ node over the same ops: built once, then loaded from its cache
     return status()
 
 

@@ -94,11 +94,10 @@ class NormBase(nn.Module):
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         p = self._parameters
-        y = F.batch_norm(input, rm, rv, p["weight"], p["bias"], self._uses_batch_stats(),
-                         momentum, self.eps, axis=self.axis, mask=mask, act=act)
-        if step and input.numel() > 0:
-            self._buffers["num_batches_tracked"].add_(1)
-        return y
+        counter = self._buffers["num_batches_tracked"] if step else None
+        return F.counted_batch_norm(input, rm, rv, p["weight"], p["bias"],
+                                    self._uses_batch_stats(), momentum, self.eps, self.axis,
+                                    mask, act, counter)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -1,0 +1,153 @@
+"""The native autograd op: a BN layer call as one C++ autograd node (`native.cpp`).
+
+On small inputs a layer call is dominated by the Python around the kernels, mostly the
+autograd.Function's Python forward and backward frames (~40 us a layer against torch's
+C++ node, measured in an MLP training step). This op moves the node to C++: the forward
+and the backward call the numba one-call ops (`cpu_cfunc`) through C function pointers,
+so backward runs with no Python at all. Results are the 'cpu' backend's, bit for bit:
+the same compiled ops run.
+
+It is optional. It needs a C++ compiler and ninja; torch builds it on first use (~1 min,
+once: torch caches the build under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
+and every failure leaves the Python path in charge. `BNKIT_NATIVE=0` turns it off,
+`BNKIT_NATIVE=1` makes a failed build an error instead of a fallback. `status()` says
+which applies; `bnkit info` prints it.
+
+`plan(x, ...)` says whether a call qualifies (float32 or float64 throughout, identity or
+relu, no mask, a dense layout below the huge-page size, running buffers that can be
+blended in place) and `run(...)` runs it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+
+import torch
+
+from . import cpu
+from . import cpu_layout as L
+
+ENV = "BNKIT_NATIVE"
+NAME = "bnkit_native"  # the extension's name: its build folder under TORCH_EXTENSIONS_DIR
+_lock = threading.Lock()
+_state: dict = {"op": None, "why": "not loaded yet: the first eligible layer call builds it "
+                "(~1 min once, then cached) or loads it", "tried": False}
+_DT = {torch.float32: 0, torch.float64: 1}
+_ACTS = ("identity", "relu")
+call = None  # op()'s C++ callable once built: call(x, weight, bias, running_mean,
+#   running_var, training, eps, momentum, update, relu, plan) -> y
+
+
+def _mode() -> str:
+    raw = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if raw not in ("0", "1", "auto"):
+        raise ValueError(f"{ENV} must be 0 (off), 1 (required) or auto (got {raw!r}); unset "
+                         f"it for auto")
+    return raw
+
+
+def _graph_backward(dy, x, weight, bias, mv, training, eps, axis, relu):
+    """Double backward (create_graph=True) through the native op: the core's differentiable
+    formulas, statistics recomputed from x (as `_differentiable_bwd`). An absent weight or
+    bias arrives as None; its gradient is computed and dropped by the node."""
+    from ..functional.autograd import _differentiable_bwd
+    c = x.shape[axis]
+    count = torch.scalar_tensor(x.numel() // c, dtype=torch.float64)
+    dx, dw, db = _differentiable_bwd(dy, x, weight, bias, mv[:c], mv[c:], count, None,
+                                     training, eps, axis, "relu" if relu else "identity")
+    return [dx, dw, db]
+
+
+def _build():
+    """Compile (or load) the extension and hand it the kernels; returns the op."""
+    from torch.utils import cpp_extension
+
+    from . import cpu_cfunc
+    cpu._threads(1 << 30)  # start numba's threading layer: the cfuncs link against it
+    addrs = cpu_cfunc.build()
+    src = os.path.join(os.path.dirname(__file__), "native.cpp")
+    built = os.path.join(cpp_extension._get_build_directory(NAME, False), f"{NAME}.so")
+    if not os.path.exists(built):
+        print("bnkit: building the native autograd op (once, ~1 min; BNKIT_NATIVE=0 skips "
+              "it)", file=sys.stderr, flush=True)
+    cpp_extension.load(NAME, [src], extra_cflags=["-O2"], is_python_module=False,
+                       verbose=False)
+    lib = torch.library.Library("bnkit", "FRAGMENT")
+    lib.define("bn_backward_graph(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mv, "
+               "bool training, float eps, int axis, bool relu) -> Tensor[]")
+    lib.impl("bn_backward_graph", _graph_backward, "CompositeImplicitAutograd")
+    _state["lib"] = lib  # the registration lives as long as this object
+    torch.ops.bnkit_native.set_kernels(list(addrs["fwd"]), list(addrs["bwd"]))
+    return torch.ops.bnkit_native.bn.default
+
+
+def op():
+    """The op, built on first call; None when off or the build failed (`status()`)."""
+    if _state["op"] is not None or _state["tried"]:
+        return _state["op"]
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            mode = _mode()
+            if mode == "0":
+                _state["why"] = f"off ({ENV}=0)"
+            else:
+                try:
+                    _state["op"] = _build()
+                    global call
+                    call = _state["op"]._op  # the C++ callable, without OpOverload.__call__
+                    _state["why"] = ""
+                except Exception as err:
+                    _state["why"] = f"build failed: {type(err).__name__}: {err}"[:300]
+                    if mode == "1":
+                        raise RuntimeError(f"{ENV}=1 but the native op could not be built "
+                                           f"({_state['why']}); install a C++ compiler and "
+                                           f"ninja, or unset {ENV}") from err
+    return _state["op"]
+
+
+def status() -> str:
+    """One line for `bnkit info`."""
+    if _state["op"] is not None:
+        return "built (C++ autograd node over the cpu kernels)"
+    return _state["why"]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shape, stride, axis, dtype, threads, training):
+    lay = L._resolve(shape, stride, axis)
+    if lay is None:
+        return None
+    kind, outer, c, inner = lay
+    itemsize = 4 if dtype == 0 else 8
+    if outer * c * inner * itemsize >= L.HUGE_MIN:
+        return None  # large: per-call cost is noise there, and outputs want huge pages
+    t = threads
+    fuse = t > 1 and training and cpu._fusable(lay, t, itemsize)
+    return [outer, c, inner, int(t > 1), *cpu._split(kind, outer, c, inner, t), int(fuse),
+            dtype, axis]
+
+
+def _same(t, dtype) -> bool:
+    return t is None or (t.dtype is dtype and t.is_contiguous())
+
+
+def plan(x, weight, bias, running_mean, running_var, training, update, axis, act,
+         counter=None):
+    """The op's layout plan for this call (a list of ints), or None when the call keeps the
+    Python path. `axis` is the normalized channel axis; `update`: the running buffers are
+    blended (training with buffers)."""
+    dt = _DT.get(x.dtype)
+    if dt is None or act not in _ACTS or not x.is_cpu or x.numel() == 0:
+        return None
+    if not (_same(weight, x.dtype) and _same(bias, x.dtype)
+            and _same(running_mean, x.dtype) and _same(running_var, x.dtype)):
+        return None
+    if update and (running_mean.is_inference() or running_var.is_inference()):
+        return None  # the core's update raises the error torch gives, buffers untouched
+    if counter is not None and not (counter.dtype is torch.int64 and counter.is_cpu
+                                    and counter.numel() == 1 and not counter.is_inference()):
+        return None
+    return _plan(x.shape, x.stride(), axis, dt, cpu._threads(x.numel()), training)

@@ -1,0 +1,230 @@
+"""The native C++ autograd node (`bnkit.kernels.native`): it runs the same compiled one-call
+ops as the Python path, so a layer's outputs, gradients, running statistics and step count
+must match that path bit for bit; double backward, version counters, the inputs it leaves
+to the Python path, and its on/off switch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bnkit
+from bnkit import kernels
+
+cpu = pytest.importorskip("bnkit.kernels.cpu")
+native = pytest.importorskip("bnkit.kernels.native")
+
+
+@pytest.fixture(autouse=True)
+def _needs_native():
+    if kernels.native_module() is None:
+        pytest.skip(f"native op unavailable: {native.status()}")
+
+
+def spy(monkeypatch):
+    """Count the native op's calls."""
+    calls, real = [], native.call
+    monkeypatch.setattr(native, "call", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def step(m, x, dy):
+    """One forward and backward: (y, x.grad, param grads, buffers, step count)."""
+    x = x.detach().clone().requires_grad_()
+    y = m(x)
+    y.backward(dy)
+    grads = [p.grad.clone() for p in m.parameters()]
+    bufs = [b.clone() for b in m.buffers()]
+    return [y.detach(), x.grad, *grads, *bufs]
+
+
+# (make layer, input shape, channels_last, dtype, threads)
+CASES = {
+    "mlp": (lambda: bnkit.nn.BatchNorm1d(100), (60, 100), False, torch.float32, 1),
+    "f64": (lambda: bnkit.nn.BatchNorm1d(7, dtype=torch.float64), (5, 7, 3), False,
+            torch.float64, 1),
+    "nhwc": (lambda: bnkit.nn.BatchNorm2d(3), (6, 3, 5, 4), True, torch.float32, 1),
+    "axis-1": (lambda: bnkit.nn.BatchNorm(9, axis=-1), (3, 4, 9), False, torch.float32, 1),
+    "relu": (lambda: bnkit.nn.BatchNormAct(16, act="relu"), (32, 16, 4, 4), False,
+             torch.float32, 1),
+    "no-affine": (lambda: bnkit.nn.BatchNorm1d(10, affine=False), (8, 10), False,
+                  torch.float32, 1),
+    "scale-only": (lambda: bnkit.nn.BatchNorm1d(10, bias=False), (8, 10), False,
+                   torch.float32, 1),
+    "batch-stats-only": (lambda: bnkit.nn.BatchNorm1d(10, track_running_stats=False),
+                         (8, 10), False, torch.float32, 1),
+    "cumulative": (lambda: bnkit.nn.BatchNorm1d(10, momentum=None), (8, 10), False,
+                   torch.float32, 1),
+    "parallel-fused": (lambda: bnkit.nn.BatchNorm2d(8), (16, 8, 32, 32), False,
+                       torch.float32, 2),
+    "parallel-relu": (lambda: bnkit.nn.BatchNormAct(8, act="relu"), (16, 8, 32, 32), False,
+                      torch.float32, 2),
+    "parallel-nhwc": (lambda: bnkit.nn.BatchNorm2d(8), (16, 8, 32, 32), True, torch.float32,
+                      2),
+}
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_matches_the_python_path_bit_for_bit(monkeypatch, case, eval_mode):
+    make, shape, cl, dtype, threads = CASES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=torch.float64).mul(3).add(2).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, dtype=dtype)
+        m = make().to(dtype)
+        with torch.no_grad():  # non-trivial parameters and buffers
+            for t in [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]:
+                t.uniform_(0.5, 1.5)
+        m2 = make().to(dtype)
+        m2.load_state_dict(m.state_dict())
+        for layer in (m, m2):
+            layer.train(not eval_mode)
+        calls = spy(monkeypatch)
+        got = [t for _ in range(2) for t in step(m, x, dy)]  # two steps: blend twice
+        assert len(calls) == 2
+        monkeypatch.setattr(kernels, "_native", None)
+        want = [t for _ in range(2) for t in step(m2, x, dy)]
+    finally:
+        torch.set_num_threads(before)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+        assert torch.equal(g, w)
+
+
+def test_layer_values_match_torch_in_float64():
+    """The oracle: torch's own layer in float64 (same step count, buffers, gradients)."""
+    torch.manual_seed(1)
+    x = (torch.randn(40, 6, 5, dtype=torch.float64) * 4 + 3).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    m, t = bnkit.nn.BatchNorm1d(6).double(), torch.nn.BatchNorm1d(6).double()
+    dy = torch.randn_like(x)
+    m(x).backward(dy)
+    y = t(x2)
+    y.backward(dy)
+    torch.testing.assert_close(m(x.detach()), t(x2.detach()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip([*m.parameters(), *m.buffers()], [*t.parameters(), *t.buffers()]):
+        torch.testing.assert_close(a.grad if a.requires_grad else a,
+                                   b.grad if b.requires_grad else b, rtol=1e-10, atol=1e-12)
+
+
+def test_expanded_upstream_gradient(monkeypatch):
+    """y.sum() sends back an expanded dy (stride 0): copied into x's layout first."""
+    x = torch.randn(16, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    m, m2 = bnkit.nn.BatchNorm2d(4), bnkit.nn.BatchNorm2d(4)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    calls = spy(monkeypatch)
+    (m(xa) * 1).sum().backward()
+    assert calls
+    monkeypatch.setattr(kernels, "_native", None)
+    (m2(xb) * 1).sum().backward()
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(m.weight.grad, m2.weight.grad)
+
+
+def test_double_backward(monkeypatch):
+    """create_graph=True: the node's backward runs the core's differentiable formulas."""
+    calls = spy(monkeypatch)
+    for act in ("identity", "relu"):
+        m = bnkit.nn.BatchNormAct(3, act=act).double()
+        x = (torch.randn(6, 3, 2, dtype=torch.float64) + 1).requires_grad_()
+        assert torch.autograd.gradcheck(m, (x,))
+        assert torch.autograd.gradgradcheck(m, (x,))
+        m.eval()
+        assert torch.autograd.gradgradcheck(m, (x,))
+    assert calls
+
+
+def test_version_counters():
+    """The blended buffers and the step counter advance their versions; an input changed
+    in place before backward is caught as for any torch op."""
+    m = bnkit.nn.BatchNorm1d(5)
+    x = torch.randn(8, 5, requires_grad=True)
+    h = x * 1
+    versions = (m.running_mean._version, m.running_var._version,
+                m.num_batches_tracked._version)
+    y = m(h)
+    assert m.running_mean._version > versions[0] and m.running_var._version > versions[1]
+    assert m.num_batches_tracked._version > versions[2] and int(m.num_batches_tracked) == 1
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def declined(monkeypatch, make, x, **kw):
+    """Run a layer; True when the native op did not take the call."""
+    calls = spy(monkeypatch)
+    make()(x, **kw)
+    return not calls
+
+
+def test_inputs_left_to_the_python_path(monkeypatch):
+    x = torch.randn(6, 4, 5)
+    assert not declined(monkeypatch, lambda: bnkit.nn.BatchNorm1d(4), x)
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNorm1d(4), x.double())  # mixed dtypes
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNormAct(4, act="silu"), x)
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNorm1d(4).half(), x.half())
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNorm1d(4), x,
+                    mask=torch.ones(6, 5, dtype=torch.bool))
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNorm1d(4),
+                    torch.randn(6, 5, 4).transpose(1, 2))  # not dense along the channels
+    big = torch.randn(4, 8, 256, 260)  # 8.5 MB: huge-page outputs, Python path
+    assert declined(monkeypatch, lambda: bnkit.nn.BatchNorm2d(8), big)
+
+
+def test_inference_mode_buffers_fail_untouched(monkeypatch):
+    """Buffers created under inference_mode cannot be updated outside it: the call is left
+    to the core, which raises before anything changes."""
+    with torch.inference_mode():
+        m = bnkit.nn.BatchNorm1d(4)
+    calls = spy(monkeypatch)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        m(torch.randn(6, 4))
+    assert not calls
+    assert torch.equal(m.running_mean, torch.zeros(4)) and int(m.num_batches_tracked) == 0
+
+
+def fresh_state(monkeypatch, mode, build):
+    monkeypatch.setenv(native.ENV, mode)
+    monkeypatch.setattr(native, "_state", {"op": None, "why": "", "tried": False})
+    monkeypatch.setattr(native, "_build", build)
+
+
+def test_failed_build_falls_back_and_says_why(monkeypatch):
+    def broken():
+        raise OSError("no C++ compiler")
+    fresh_state(monkeypatch, "auto", broken)
+    assert native.op() is None
+    assert "build failed" in native.status() and "no C++ compiler" in native.status()
+
+
+def test_required_build_that_fails_raises(monkeypatch):
+    def broken():
+        raise OSError("no C++ compiler")
+    fresh_state(monkeypatch, "1", broken)
+    with pytest.raises(RuntimeError, match="BNKIT_NATIVE=1.*no C\\+\\+ compiler"):
+        native.op()
+
+
+def test_bad_switch_value_names_the_choices(monkeypatch):
+    fresh_state(monkeypatch, "yes", lambda: None)
+    with pytest.raises(ValueError, match="BNKIT_NATIVE must be 0 .*got 'yes'"):
+        native.op()
+
+
+def test_switched_off_in_a_fresh_process():
+    code = ("import torch, bnkit; from bnkit.kernels import native; "
+            "m = bnkit.nn.BatchNorm1d(3); m(torch.randn(4, 3)).sum().backward(); "
+            "print(native.status())")
+    env = {**os.environ, native.ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "off (BNKIT_NATIVE=0)"
