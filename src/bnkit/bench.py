@@ -296,12 +296,28 @@ def run_models(repeats: int, warmup: int) -> list[dict]:
             fns = {"torch": _step_fn(build(getattr(torch.nn, layer)), x, y)}
             for be in ["auto", *cpu_backends()]:
                 fns[f"bnkit {be}"] = _on(be, _step_fn(build(getattr(bnn, layer)), x, y))
+            if "cpu" in cpu_backends():  # the same kernels through the Python Function
+                fns["bnkit cpu, py op"] = _python_op(_step_fn(build(getattr(bnn, layer)), x, y))
             t = time_all(fns, repeats, warmup + 3)
             rows += [{"model": name, "variant": v, "ms": t[v], "x_torch": t["torch"] / t[v]}
                      for v in fns]
     finally:
         set_backend(previous)
     return rows
+
+
+def _python_op(fn: Callable) -> Callable:
+    """fn on the 'cpu' backend with the native C++ node off (the autograd.Function path)."""
+    from .kernels import set_backend, use_native
+
+    def run():
+        set_backend("cpu")
+        use_native(False)
+        try:
+            return fn()
+        finally:
+            use_native(True)
+    return run
 
 
 def format_models(rows: list[dict]) -> str:

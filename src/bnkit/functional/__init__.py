@@ -95,6 +95,11 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     """`batch_norm` with positional arguments, for layers: `counter` (a layer's
     num_batches_tracked, or None) advances by one after a successful training call with
     running buffers, inside the native op when it runs the call."""
+    if mask is None:  # the native node takes most calls: it checks them without raising
+        y = native_apply(input, weight, bias, running_mean, running_var, training, momentum,
+                         eps, axis, act, counter)
+        if y is not None:
+            return y
     axis = _validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
                      axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
@@ -102,18 +107,12 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
     update = training and running_mean is not None
-    if not update:
-        counter = None
-    y = native_apply(input, weight, bias, running_mean, running_var, mask, training, eps, axis,
-                     act, float(momentum) if update else None, counter)
-    if y is not None:
-        return y
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)
     if update and not blended:
         update_running(running_mean, running_var, mean, var, n, momentum)
-    if counter is not None:
+    if update and counter is not None:
         counter.add_(1)
     return y
 

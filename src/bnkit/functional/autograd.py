@@ -222,26 +222,33 @@ def _needs_graph(x, weight, bias) -> bool:
             or (bias is not None and bias.requires_grad))
 
 
-def native_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act,
-                 momentum, counter=None):
+def native_apply(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                 act, counter=None):
     """y from the native C++ autograd node (`bnkit.kernels.native`) when it takes this eager
-    call, blending the running buffers in place when `momentum` is given and advancing
-    `counter` (an int64 step count) by one; else None, nothing touched. Only for callers
-    that need y alone (the statistics stay inside the node)."""
-    if mask is not None or _compiling() or _functorch_active():
+    call, with no mask: the running buffers blend in place when training with them and
+    `counter` (an int64 step count, or None) advances by one. None, with nothing touched,
+    when it does not take it, including any call the core would reject: the op checks the
+    call without raising, so the caller's full path validates it and explains the error.
+    Only for callers that need y alone (the statistics stay inside the node)."""
+    if act not in _NATIVE_ACTS or type(eps) is not float or not isinstance(x, torch.Tensor):
         return None
     native = kernels.native_module()
-    if native is None:
+    if native is None or _compiling() or _functorch_active():
         return None
-    update = momentum is not None
-    plan = native.plan(x, weight, bias, running_mean, running_var, training, update, axis, act,
-                       counter)
+    nd = x.dim()
+    if nd < 2 or not -nd <= axis < nd:
+        return None
+    plan = native.plan(x, axis % nd, training)
     if plan is None:
         return None
-    return native.call(x, weight, bias, running_mean, running_var, counter, training, eps,
-              momentum if update else 0.0, update, act == "relu", plan)
+    update = training and running_mean is not None
+    if update and type(momentum) is not float:
+        return None
+    return native.call(x, weight, bias, running_mean, running_var, counter if update else None,
+                       training, eps, momentum if update else 0.0, update, act == "relu", plan)
 
 
+_NATIVE_ACTS = ("identity", "relu")
 _compiling = torch.compiler.is_compiling
 
 

@@ -114,6 +114,13 @@ def backend_status() -> dict[str, str]:
 _native = False  # the `native` module when its op is built; False: not looked up yet
 
 
+def use_native(flag: bool) -> None:
+    """Turn the native C++ autograd op on (looked up again at the next call) or off for
+    this process, e.g. to compare it with the Python autograd.Function path."""
+    global _native
+    _native = False if flag else None
+
+
 def native_module():
     """The `native` module (`native.plan`, `native.call`) when the selected backend is
     'auto' or 'cpu' and the native C++ autograd op is built (building it on first use),

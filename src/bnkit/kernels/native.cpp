@@ -4,9 +4,11 @@
 // (Python forward and backward frames, ctx, GIL round trips), more than the kernels
 // themselves on small inputs such as an MLP's (60, 100). Here the forward and the backward
 // are C++ and call the numba one-call ops (`cpu_cfunc`) through C function pointers, which
-// Python hands over once (`set_kernels`). Python still validates every call and computes
-// the layout plan; it calls this op only for the inputs the plan covers (dense float32 or
-// float64, one dtype throughout, identity or relu, no mask, below the huge-page size).
+// Python hands over once (`set_kernels`). Python picks the calls (identity or relu, no
+// mask, eager) and computes the layout plan (dense float32 or float64 below the huge-page
+// size); `accepts` below checks everything else and declines, without raising, any call
+// the Python path must handle: a bad call (Python's checks then explain the error) or one
+// the kernels cannot run in place (mixed dtypes, inference-mode buffers).
 //
 // plan = [outer, C, inner, par, rows, pieces, width, fuse, dtype (0 float32, 1 float64),
 //         axis]: the (outer, C, inner) view of x, the parallel chunks, the backward's
@@ -64,7 +66,6 @@ struct BN : public torch::autograd::Function<BN> {
                             const c10::optional<at::Tensor>& counter, bool training, double eps,
                             double momentum, bool update, bool relu, at::IntArrayRef plan) {
     const I C = plan[1];
-    TORCH_CHECK(g_fwd[plan[8]] != 0, "bnkit_native: kernels not set");
     at::Tensor y = at::empty_like(x);
     at::Tensor mv = at::empty({2 * C}, x.options().dtype(at::kDouble));  // mean | var
     const I m = addr(mv);
@@ -127,11 +128,45 @@ struct BN : public torch::autograd::Function<BN> {
   }
 };
 
+// A (C,) vector the kernels can read in place: absent, or CPU, x's dtype, dense.
+bool vector_ok(const c10::optional<at::Tensor>& t, at::ScalarType dt, I C) {
+  return !has(t) || (t->device().is_cpu() && t->scalar_type() == dt && t->dim() == 1 &&
+                     t->size(0) == C && t->is_contiguous());
+}
+
+// Whether this op takes the call. It never raises on a bad call: it declines (the op
+// returns an undefined tensor, None in Python) and Python's checks, which explain every
+// error, run on the full path. So anything the core would reject or route elsewhere is
+// declined here, before any state is touched.
+bool accepts(const at::Tensor& x, const c10::optional<at::Tensor>& w,
+             const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& rm,
+             const c10::optional<at::Tensor>& rv, const c10::optional<at::Tensor>& counter,
+             bool training, double eps, double momentum, bool update, at::IntArrayRef plan) {
+  if (plan.size() != 10 || g_fwd[0] == 0) return false;
+  const I outer = plan[0], C = plan[1], inner = plan[2];
+  const auto dt = plan[8] == 0 ? at::kFloat : at::kDouble;
+  if (!x.device().is_cpu() || x.scalar_type() != dt || x.numel() == 0 ||
+      x.numel() != outer * C * inner || x.size(plan[9]) != C)
+    return false;
+  if (!vector_ok(w, dt, C) || !vector_ok(b, dt, C) || !vector_ok(rm, dt, C) ||
+      !vector_ok(rv, dt, C) || has(rm) != has(rv))
+    return false;
+  if (training ? outer * inner < 2 : !has(rm)) return false;  // n - 1 > 0; eval reads rm
+  if (update != (training && has(rm))) return false;
+  if (update && (rm->is_inference() || rv->is_inference())) return false;
+  if (has(counter) && !(counter->device().is_cpu() && counter->scalar_type() == at::kLong &&
+                        counter->numel() == 1 && !counter->is_inference()))
+    return false;
+  return eps >= 0 && momentum >= 0 && momentum <= 1;  // false for NaN too
+}
+
 at::Tensor bn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
               const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& rm,
               const c10::optional<at::Tensor>& rv, const c10::optional<at::Tensor>& counter,
               bool training, double eps, double momentum, bool update, bool relu,
               at::IntArrayRef plan) {
+  if (!accepts(x, w, b, rm, rv, counter, training, eps, momentum, update, plan))
+    return at::Tensor();
   return BN::apply(x, w, b, rm, rv, counter, training, eps, momentum, update, relu, plan);
 }
 

@@ -13,9 +13,11 @@ and every failure leaves the Python path in charge. `BNKIT_NATIVE=0` turns it of
 `BNKIT_NATIVE=1` makes a failed build an error instead of a fallback. `status()` says
 which applies; `bnkit info` prints it.
 
-`plan(x, ...)` says whether a call qualifies (float32 or float64 throughout, identity or
-relu, no mask, a dense layout below the huge-page size, running buffers that can be
-blended in place) and `run(...)` runs it.
+`plan(x, axis, training)` says whether x's layout qualifies (dense float32 or float64
+below the huge-page size) and `call(...)` runs the op, which returns None, touching
+nothing, for a call it does not take (parameters or buffers of another dtype or device,
+inference-mode buffers, a call the core rejects: the caller's Python path then validates
+it and explains the error). Identity or relu, no mask: the caller checks those.
 """
 from __future__ import annotations
 
@@ -130,24 +132,11 @@ def _plan(shape, stride, axis, dtype, threads, training):
             dtype, axis]
 
 
-def _same(t, dtype) -> bool:
-    return t is None or (t.dtype is dtype and t.is_contiguous())
-
-
-def plan(x, weight, bias, running_mean, running_var, training, update, axis, act,
-         counter=None):
-    """The op's layout plan for this call (a list of ints), or None when the call keeps the
-    Python path. `axis` is the normalized channel axis; `update`: the running buffers are
-    blended (training with buffers)."""
+def plan(x, axis, training):
+    """The op's layout plan for x (a list of ints), or None when x is not a dense float32 or
+    float64 CPU tensor below the huge-page size. `axis` is the channel axis, normalized.
+    Everything else about the call (parameters, buffers, scalars) is checked by the op."""
     dt = _DT.get(x.dtype)
-    if dt is None or act not in _ACTS or not x.is_cpu or x.numel() == 0:
-        return None
-    if not (_same(weight, x.dtype) and _same(bias, x.dtype)
-            and _same(running_mean, x.dtype) and _same(running_var, x.dtype)):
-        return None
-    if update and (running_mean.is_inference() or running_var.is_inference()):
-        return None  # the core's update raises the error torch gives, buffers untouched
-    if counter is not None and not (counter.dtype is torch.int64 and counter.is_cpu
-                                    and counter.numel() == 1 and not counter.is_inference()):
+    if dt is None or not x.is_cpu:
         return None
     return _plan(x.shape, x.stride(), axis, dt, cpu._threads(x.numel()), training)

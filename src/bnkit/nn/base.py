@@ -93,11 +93,11 @@ class NormBase(nn.Module):
         only after the call succeeded (a failed call leaves every state untouched)."""
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
-        p = self._parameters
-        counter = self._buffers["num_batches_tracked"] if step else None
-        return F.counted_batch_norm(input, rm, rv, p["weight"], p["bias"],
-                                    self._uses_batch_stats(), momentum, self.eps, self.axis,
-                                    mask, act, counter)
+        p, b = self._parameters, self._buffers
+        counter = b["num_batches_tracked"] if step else None
+        batch_stats = self.training or b["running_mean"] is None  # _uses_batch_stats()
+        return F.counted_batch_norm(input, rm, rv, p["weight"], p["bias"], batch_stats,
+                                    momentum, self.eps, self.axis, mask, act, counter)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
