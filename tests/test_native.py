@@ -234,3 +234,43 @@ def test_switched_off_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300, check=True)
     assert out.stdout.strip() == "off (BNKIT_NATIVE=0)"
+
+
+@pytest.mark.parametrize("bad", ["weight size", "weight dtype", "running_var missing",
+                                 "eval without buffers", "one value", "eps", "momentum",
+                                 "counter dtype"])
+def test_the_op_declines_bad_calls_untouched(bad):
+    """The op never raises on a bad call: it returns None and touches nothing, so the core's
+    checks explain the error (tests/test_errors.py checks those messages)."""
+    x = torch.randn(8, 4)
+    w, b = torch.ones(4), torch.zeros(4)
+    rm, rv, n = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    args = dict(x=x, w=w, b=b, rm=rm, rv=rv, n=n, training=True, eps=1e-5, momentum=0.1)
+    if bad == "weight size":
+        args["w"] = torch.ones(5)
+    elif bad == "weight dtype":
+        args["w"] = torch.ones(4, dtype=torch.float64)
+    elif bad == "running_var missing":
+        args["rv"] = None
+    elif bad == "eval without buffers":
+        args.update(training=False, rm=None, rv=None)
+    elif bad == "one value":
+        args["x"] = torch.randn(1, 4)
+    elif bad == "eps":
+        args["eps"] = -1.0
+    elif bad == "momentum":
+        args["momentum"] = 1.5
+    elif bad == "counter dtype":
+        args["n"] = torch.tensor(0.0)
+    a = args
+    update = a["training"] and a["rm"] is not None
+    plan = native.plan(a["x"], 1, a["training"])
+    out = native.call(a["x"], a["w"], a["b"], a["rm"], a["rv"], a["n"], a["training"], a["eps"],
+                      a["momentum"], update, False, plan)
+    assert out is None
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and int(n) == 0
+
+
+def test_status_reports_a_bad_switch(monkeypatch):
+    fresh_state(monkeypatch, "yes", lambda: None)
+    assert "BNKIT_NATIVE must be 0" in native.status()

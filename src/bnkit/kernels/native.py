@@ -1,8 +1,8 @@
 """The native autograd op: a BN layer call as one C++ autograd node (`native.cpp`).
 
-On small inputs a layer call is dominated by the Python around the kernels, mostly the
-autograd.Function's Python forward and backward frames (~40 us a layer against torch's
-C++ node, measured in an MLP training step). This op moves the node to C++: the forward
+On small inputs a layer call is dominated by the machinery around the kernels, mostly
+the autograd.Function's Python forward and backward frames (~90 us more per (60, 100)
+layer call than torch's C++ node; docs/performance.md). This op moves the node to C++: the forward
 and the backward call the numba one-call ops (`cpu_cfunc`) through C function pointers,
 so backward runs with no Python at all. Results are the 'cpu' backend's, bit for bit:
 the same compiled ops run.
@@ -34,12 +34,12 @@ from . import cpu_layout as L
 ENV = "BNKIT_NATIVE"
 NAME = "bnkit_native"  # the extension's name: its build folder under TORCH_EXTENSIONS_DIR
 _lock = threading.Lock()
-_state: dict = {"op": None, "why": "not loaded yet: the first eligible layer call builds it "
-                "(~1 min once, then cached) or loads it", "tried": False}
+_state: dict = {"op": None, "why": "not built yet: the first eligible layer call builds it "
+                "(~1 min once, then cached)", "tried": False}
 _DT = {torch.float32: 0, torch.float64: 1}
-_ACTS = ("identity", "relu")
 call = None  # op()'s C++ callable once built: call(x, weight, bias, running_mean,
-#   running_var, training, eps, momentum, update, relu, plan) -> y
+#   running_var, counter, training, eps, momentum, update, relu, plan) -> y, or None when
+#   the op declines the call
 
 
 def _mode() -> str:
@@ -70,8 +70,7 @@ def _build():
     cpu._threads(1 << 30)  # start numba's threading layer: the cfuncs link against it
     addrs = cpu_cfunc.build()
     src = os.path.join(os.path.dirname(__file__), "native.cpp")
-    built = os.path.join(cpp_extension._get_build_directory(NAME, False), f"{NAME}.so")
-    if not os.path.exists(built):
+    if not os.path.exists(_built_path()):
         print("bnkit: building the native autograd op (once, ~1 min; BNKIT_NATIVE=0 skips "
               "it)", file=sys.stderr, flush=True)
     cpp_extension.load(NAME, [src], extra_cflags=["-O2"], is_python_module=False,
@@ -83,6 +82,13 @@ def _build():
     _state["lib"] = lib  # the registration lives as long as this object
     torch.ops.bnkit_native.set_kernels(list(addrs["fwd"]), list(addrs["bwd"]))
     return torch.ops.bnkit_native.bn.default
+
+
+def _built_path() -> str:
+    """Where torch's cpp_extension keeps the built library (it may be stale: torch
+    rebuilds it when the source changed)."""
+    from torch.utils import cpp_extension
+    return os.path.join(cpp_extension._get_build_directory(NAME, False), f"{NAME}.so")
 
 
 def op():
@@ -114,6 +120,20 @@ def status() -> str:
     """One line for `bnkit info`."""
     if _state["op"] is not None:
         return "built (C++ autograd node over the cpu kernels)"
+    try:
+        mode = _mode()
+    except ValueError as err:  # reported here; the first layer call raises it
+        return str(err)
+    if _state["tried"]:
+        return _state["why"]
+    if mode == "0":
+        return f"off ({ENV}=0)"
+    try:
+        cached = os.path.exists(_built_path())
+    except Exception:  # noqa: BLE001 - a diagnostic must not fail: unknown means not cached
+        cached = False
+    if cached:
+        return f"not loaded yet; a build is cached ({os.path.dirname(_built_path())})"
     return _state["why"]
 
 
