@@ -110,7 +110,6 @@ def backend_status() -> dict[str, str]:
     return out
 
 
-
 _native = False  # the `native` module when its op is built; False: not looked up yet
 
 

@@ -1,8 +1,8 @@
 // bnkit_native::bn — a BN layer call as one C++ autograd node over the numba kernels.
 //
-// Why: a Python autograd.Function costs ~40 us more per layer call than torch's C++ node
-// (Python forward and backward frames, ctx, GIL round trips), more than the kernels
-// themselves on small inputs such as an MLP's (60, 100). Here the forward and the backward
+// Why: a Python autograd.Function costs ~90 us more per (60, 100) layer call than torch's
+// C++ node (Python forward and backward frames, ctx, GIL round trips; docs/performance.md),
+// far more than the kernels themselves on such small inputs. Here the forward and the backward
 // are C++ and call the numba one-call ops (`cpu_cfunc`) through C function pointers, which
 // Python hands over once (`set_kernels`). Python picks the calls (identity or relu, no
 // mask, eager) and computes the layout plan (dense float32 or float64 below the huge-page
