@@ -236,33 +236,24 @@ def test_switched_off_in_a_fresh_process():
     assert out.stdout.strip() == "off (BNKIT_NATIVE=0)"
 
 
-@pytest.mark.parametrize("bad", ["weight size", "weight dtype", "running_var missing",
-                                 "eval without buffers", "one value", "eps", "momentum",
-                                 "counter dtype"])
+# bad call -> the arguments it changes from a valid training call
+BAD = {"weight size": {"w": torch.ones(5)},
+       "weight dtype": {"w": torch.ones(4, dtype=torch.float64)},
+       "running_var missing": {"rv": None},
+       "eval without buffers": {"training": False, "rm": None, "rv": None},
+       "one value": {"x": torch.randn(1, 4)},
+       "eps": {"eps": -1.0},
+       "momentum": {"momentum": 1.5},
+       "counter dtype": {"n": torch.tensor(0.0)}}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
 def test_the_op_declines_bad_calls_untouched(bad):
     """The op never raises on a bad call: it returns None and touches nothing, so the core's
     checks explain the error (tests/test_errors.py checks those messages)."""
-    x = torch.randn(8, 4)
-    w, b = torch.ones(4), torch.zeros(4)
     rm, rv, n = torch.zeros(4), torch.ones(4), torch.tensor(0)
-    args = dict(x=x, w=w, b=b, rm=rm, rv=rv, n=n, training=True, eps=1e-5, momentum=0.1)
-    if bad == "weight size":
-        args["w"] = torch.ones(5)
-    elif bad == "weight dtype":
-        args["w"] = torch.ones(4, dtype=torch.float64)
-    elif bad == "running_var missing":
-        args["rv"] = None
-    elif bad == "eval without buffers":
-        args.update(training=False, rm=None, rv=None)
-    elif bad == "one value":
-        args["x"] = torch.randn(1, 4)
-    elif bad == "eps":
-        args["eps"] = -1.0
-    elif bad == "momentum":
-        args["momentum"] = 1.5
-    elif bad == "counter dtype":
-        args["n"] = torch.tensor(0.0)
-    a = args
+    a = {"x": torch.randn(8, 4), "w": torch.ones(4), "b": torch.zeros(4), "rm": rm, "rv": rv,
+         "n": n, "training": True, "eps": 1e-5, "momentum": 0.1, **BAD[bad]}
     update = a["training"] and a["rm"] is not None
     plan = native.plan(a["x"], 1, a["training"])
     out = native.call(a["x"], a["w"], a["b"], a["rm"], a["rv"], a["n"], a["training"], a["eps"],

@@ -35,14 +35,11 @@ def path(request, one_thread, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(kernels, "_native", None)
     elif kernels.native_module() is None:
-        pytest.skip(f"native op unavailable: {kernels_native_status()}")
+        from bnkit.kernels import native
+        pytest.skip(f"native op unavailable: {native.status()}")
     yield request.param
     kernels.set_backend("auto")
 
-
-def kernels_native_status():
-    from bnkit.kernels import native
-    return native.status()
 
 
 def make(shape, axis, cl, dtype, seed=0, loc=0.5, scale=2.0):

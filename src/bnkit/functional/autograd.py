@@ -10,7 +10,10 @@ Eager calls skip the custom-op machinery (schema checks, default filling, redisp
 autograd.Function over the very same forward and backward functions, and skip autograd
 altogether when nothing needs a gradient; the ops are used whenever torch.compile is
 tracing. In eager training the backend may also blend the running buffers inside its
-one-call forward (`momentum`), which saves four tiny torch ops a call.
+one-call forward (`momentum`), which saves four tiny torch ops a call. Before any of
+this, `native_apply` offers a plain eager call to the native C++ node
+(`bnkit.kernels.native`), which runs the same one-call ops with no Python autograd
+frames; it declines what it does not take and the path above runs.
 
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed

@@ -6,8 +6,9 @@ core's `affine_coeffs`), running in parallel over channels and chunks of the bat
 torch.get_num_threads() threads. Inputs it does not accelerate (masks in the statistics and
 the elementwise backward, activations other than identity/relu, non-dense layouts, a dy laid
 out unlike x) run on the reference primitives inside the same call, so any input gets the
-right answer. A layer call takes `fused_forward` and `fused_backward_op`
-(`cpu_ops`): the whole forward op (statistics, coefficients, output, running-stat blend)
+right answer. An eager layer call under 8 MiB runs as the native C++ node (`native.py`)
+over the compiled one-call ops; otherwise it takes `fused_forward` and `fused_backward_op`
+(`cpu_ops`), the same ops from Python: the whole forward op (statistics, coefficients, output, running-stat blend)
 and the whole backward op (sums, dweight, dbias, dx) in one numba call each, serial loops
 on one thread and the parallel kernels otherwise; below a few MB the torch ops that would
 otherwise surround the kernels cost more than the passes over x. `fused_backward` is the

@@ -146,10 +146,9 @@ def _plan(shape, stride, axis, dtype, threads, training):
     itemsize = 4 if dtype == 0 else 8
     if outer * c * inner * itemsize >= L.HUGE_MIN:
         return None  # large: per-call cost is noise there, and outputs want huge pages
-    t = threads
-    fuse = t > 1 and training and cpu._fusable(lay, t, itemsize)
-    return [outer, c, inner, int(t > 1), *cpu._split(kind, outer, c, inner, t), int(fuse),
-            dtype, axis]
+    fuse = threads > 1 and training and cpu._fusable(lay, threads, itemsize)
+    return [outer, c, inner, int(threads > 1), *cpu._split(kind, outer, c, inner, threads),
+            int(fuse), dtype, axis]
 
 
 def plan(x, axis, training):
