@@ -3,12 +3,16 @@
 import gzip
 import hashlib
 import os
+import subprocess
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
 import bnkit.data.fashion_mnist as fm
+import bnkit.data.idx as idx_module
 from bnkit.data import (
     FASHION_MNIST_CLASSES,
     ChecksumError,
@@ -16,11 +20,14 @@ from bnkit.data import (
     find_fashion_mnist,
     load_fashion_mnist,
     make_fake_fashion_mnist,
+    parse_idx,
     read_idx,
     write_idx,
 )
 
 REAL_DIR = "/usr/share/datasets/fashion-mnist"
+MAX_IDX_BYTES = idx_module.MAX_IDX_BYTES
+MAX_IDX_DIMS = idx_module.MAX_IDX_DIMS
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
 
 
@@ -139,6 +146,30 @@ def test_corrupt_gzip(tmp_path, damage):
     assert str(path) in str(info.value) and "Fix:" in str(info.value)
 
 
+@pytest.mark.parametrize("between", [b"", b"\0" * 5])
+def test_gzip_members_read_as_one_stream(tmp_path, between):
+    """Members in a row (zero padding allowed) decode as gzip.decompress decodes them."""
+    raw = _raw_idx(0x0B, [3, 2], bytes(range(12)))
+    packed = gzip.compress(raw[:5]) + between + gzip.compress(raw[5:9]) + gzip.compress(raw[9:])
+    path = tmp_path / "members.gz"
+    path.write_bytes(packed + between)
+    assert gzip.decompress(packed + between) == raw  # the oracle accepts the same bytes
+    expected = np.frombuffer(raw, ">i2", offset=12).reshape(3, 2)
+    np.testing.assert_array_equal(read_idx(path), expected)
+    np.testing.assert_array_equal(parse_idx(path.read_bytes()), expected)
+
+
+@pytest.mark.parametrize("tail", [b"\x07", b"junk bytes"])
+def test_garbage_after_gzip_member(tmp_path, tail):
+    path = tmp_path / "tail.gz"
+    path.write_bytes(gzip.compress(_raw_idx(0x08, [2], b"\x01\x02")) + tail)
+    with pytest.raises((OSError, EOFError)):  # gzip itself refuses it
+        gzip.decompress(path.read_bytes())
+    with pytest.raises(IDXError, match="corrupt gzip stream") as info:
+        read_idx(path)
+    assert str(path) in str(info.value) and tail[:2].hex()[:2] in str(info.value)
+
+
 def test_bad_magic(tmp_path):
     path = tmp_path / "text.idx"
     path.write_bytes(b"hello world, not idx")
@@ -164,6 +195,163 @@ def test_trailing_bytes(tmp_path):
     msg = str(info.value)
     assert str(path) in msg and "found 13 bytes" in msg and "2 extra" in msg
     assert "expected 11 bytes" in msg
+
+
+# ---------------------------------------------------------------- bombs and header limits
+
+MIB = 1 << 20
+_ZEROS_MEMBER = gzip.compress(bytes(MIB), mtime=0)  # ~1 KB of gzip for 1 MiB of zeros
+
+
+def _gzip_bomb(path, dims, mib, code=0x08):
+    """A gzip file: an IDX header with dims, then `mib` MiB of zeros (one gzip member each).
+
+    gzip streams may hold several members, read back as one stream, so a few KB per
+    1 MiB member build a large inflated size at no cost.
+    """
+    path.write_bytes(gzip.compress(_raw_idx(code, dims), mtime=0) + _ZEROS_MEMBER * mib)
+    return path
+
+
+def _peak_bytes(fn):
+    """Run fn() (it must raise IDXError); return (error message, peak traced allocation)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXError) as info:
+            fn()
+        return str(info.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_gzip_bomb_after_a_small_header_stops_at_the_declared_size(tmp_path):
+    """16 declared bytes then 128 MiB of zeros: fail on the first extra byte, in small memory."""
+    path = _gzip_bomb(tmp_path / "bomb.gz", [16], 128)
+    assert path.stat().st_size < MIB  # 128 MiB inflated from under 1 MiB on disk
+    msg, peak = _peak_bytes(lambda: read_idx(path))
+    assert str(path) in msg and "trailing bytes" in msg and "after gunzip" in msg
+    assert "expected 24 bytes" in msg and "Fix:" in msg
+    assert peak < 4 * MIB, f"peak {peak / MIB:.1f} MiB while reading a 24-byte IDX file"
+
+
+def test_gzip_bomb_declaring_a_huge_array_fails_before_inflating(tmp_path):
+    """A header declaring 2**32 - 1 by 2 bytes (8 GiB) is over the ceiling: no data is read."""
+    path = _gzip_bomb(tmp_path / "huge.gz", [2**32 - 1, 2], 64)
+    msg, peak = _peak_bytes(lambda: read_idx(path))
+    assert str(path) in msg and "declared size over the limit" in msg
+    assert f"shape ({2**32 - 1}, 2)" in msg and f"{(2**32 - 1) * 2} bytes" in msg
+    assert f"at most {MAX_IDX_BYTES} bytes" in msg and "max_bytes=" in msg and "Fix:" in msg
+    assert peak < 4 * MIB
+
+
+def test_max_bytes_lowers_or_raises_the_ceiling(tmp_path):
+    path = write_idx(tmp_path / "a", np.arange(100, dtype=np.int16))  # 200 data bytes
+    with pytest.raises(IDXError, match="declared size over the limit") as info:
+        read_idx(path, max_bytes=199)
+    assert "shape (100,) of int16 = 200 bytes" in str(info.value)
+    assert "at most 199 bytes" in str(info.value)
+    np.testing.assert_array_equal(read_idx(path, max_bytes=200), np.arange(100))
+    raw = path.read_bytes()
+    with pytest.raises(IDXError, match="at most 10 bytes"):
+        parse_idx(raw, path, max_bytes=10)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+            read_idx(path, max_bytes=bad)
+
+
+def test_truncated_inside_a_large_declared_size_reads_only_what_is_there(tmp_path):
+    """A header declaring 1 GiB with 8 MiB of data: 'truncated data', memory near 8 MiB."""
+    path = _gzip_bomb(tmp_path / "short.gz", [2**30], 8)
+    msg, peak = _peak_bytes(lambda: read_idx(path))
+    assert "truncated data" in msg and f"found {8 + 8 * MIB} bytes after gunzip" in msg
+    assert f"expected {8 + 2**30} bytes" in msg
+    assert peak < 24 * MIB
+
+
+_CAPPED = """
+import importlib.util, resource, sys
+cap = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+spec = importlib.util.spec_from_file_location("idx", sys.argv[3])
+idx = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(idx)
+try:
+    idx.read_idx(sys.argv[1])
+except BaseException as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _read_idx_capped(path, cap=384 * MIB):
+    """read_idx(path) in a fresh process (numpy only) limited to `cap` bytes of address space."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _CAPPED, str(path), str(cap), idx_module.__file__],
+                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_one_gib_gzip_bomb_under_a_memory_cap_gives_an_idx_error(tmp_path):
+    """The reported case: ~1 MB on disk, 1 GiB inflated, read under a 384 MiB memory cap."""
+    path = _gzip_bomb(tmp_path / "gib.gz", [10], 1024)
+    assert path.stat().st_size < 2 * MIB
+    out = _read_idx_capped(path)
+    assert out.startswith("IDXError ") and "trailing bytes" in out and str(path) in out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_dev_zero_fails_fast():
+    out = _read_idx_capped("/dev/zero")
+    assert out.startswith("IDXError /dev/zero: unknown type code: found 0x00"), out
+    with pytest.raises(IDXError, match="unknown type code"):
+        read_idx("/dev/zero")
+
+
+@pytest.mark.parametrize("code, dims, nbytes", [
+    (0x08, [2**31, 2**31, 4], 2**64),           # the product overflows int64 to 0
+    (0x0C, [2**32 - 1] * 4, (2**32 - 1) ** 4 * 4),
+    (0x0E, [2**32 - 1], (2**32 - 1) * 8),
+])
+def test_header_declaring_too_many_bytes(tmp_path, code, dims, nbytes):
+    path = tmp_path / "big.idx"
+    path.write_bytes(_raw_idx(code, dims))
+    with pytest.raises(IDXError, match="declared size over the limit") as info:
+        read_idx(path)
+    msg = str(info.value)
+    assert str(path) in msg and f"shape {tuple(dims)}" in msg and f"= {nbytes} bytes" in msg
+    assert "-" not in msg.split("found")[1].split("expected")[0]  # no negative byte count
+    assert f"at most {MAX_IDX_BYTES} bytes" in msg and "Fix:" in msg
+
+
+@pytest.mark.parametrize("ndim", [MAX_IDX_DIMS + 1, 255])
+def test_too_many_dimensions(tmp_path, ndim):
+    path = tmp_path / "deep.idx"
+    path.write_bytes(_raw_idx(0x08, [1] * ndim, b"\x05"))
+    with pytest.raises(IDXError, match="too many dimensions") as info:
+        read_idx(path)
+    msg = str(info.value)
+    assert str(path) in msg and f"found {ndim}" in msg and f"at most {MAX_IDX_DIMS}" in msg
+    assert "Fix:" in msg
+
+
+def test_most_dimensions_allowed_and_zero_sized(tmp_path):
+    path = tmp_path / "deep.idx"
+    path.write_bytes(_raw_idx(0x08, [1] * MAX_IDX_DIMS, b"\x05"))
+    assert read_idx(path).shape == (1,) * MAX_IDX_DIMS and read_idx(path).item() == 5
+    path.write_bytes(_raw_idx(0x0E, [0, 2**32 - 1]))  # zero values: nothing to read
+    assert read_idx(path).shape == (0, 2**32 - 1) and read_idx(path).dtype == np.float64
+
+
+def test_zero_sized_shape_numpy_cannot_hold(tmp_path):
+    """No values, but numpy refuses the shape: its nonzero sizes overflow numpy's index."""
+    path = tmp_path / "wide.idx"
+    path.write_bytes(_raw_idx(0x0E, [0, 2**32 - 1, 2**32 - 1]))
+    with pytest.raises(IDXError, match="shape too large for numpy") as info:
+        read_idx(path)
+    msg = str(info.value)
+    assert str(path) in msg and f"span {(2**32 - 1) ** 2 * 8} bytes" in msg and "Fix:" in msg
+    with pytest.raises(ValueError):  # numpy itself refuses it (the oracle for the rule)
+        np.empty((0, 2**32 - 1, 2**32 - 1), np.float64)
 
 
 # ---------------------------------------------------------------- fake dataset
