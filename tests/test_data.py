@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnkit.data
 import bnkit.data.fashion_mnist as fm
 import bnkit.data.idx as idx_module
 from bnkit.data import (
@@ -19,6 +20,7 @@ from bnkit.data import (
     IDXError,
     find_fashion_mnist,
     load_fashion_mnist,
+    locate_fashion_mnist,
     make_fake_fashion_mnist,
     parse_idx,
     read_idx,
@@ -412,12 +414,96 @@ def test_search_order(isolated, monkeypatch):
     assert find_fashion_mnist("test")[0] == fm.SYSTEM_DIR / "t10k-images-idx3-ubyte.gz"
 
 
-def test_folder_missing_one_file_is_skipped(isolated):
+def _set(monkeypatch, setting, folder):
+    """Name folder explicitly: as root= (returned) or as $BNKIT_DATA (returns None)."""
+    if setting == "env":
+        monkeypatch.setenv("BNKIT_DATA", str(folder))
+        return None
+    return folder
+
+
+CACHE_PARTS = ("home", ".cache", "bnkit", "fashion-mnist")
+WHY = {"root": "(root=)", "env": "($BNKIT_DATA)"}
+
+
+@pytest.mark.parametrize("setting", ["root", "env"])
+def test_explicit_folder_lacking_a_file_never_falls_back(isolated, monkeypatch, setting):
     partial = _fake(isolated / "partial", 10)
     (partial / "train-labels-idx1-ubyte.gz").unlink()
+    _fake(isolated.joinpath(*CACHE_PARTS), 30)
     _fake(fm.SYSTEM_DIR, 40)
-    assert len(load_fashion_mnist("train", root=partial)[0]) == 40
-    assert len(load_fashion_mnist("test", root=partial)[0]) == 10  # test split is complete there
+    if setting == "root":  # root= also wins over a complete $BNKIT_DATA folder
+        monkeypatch.setenv("BNKIT_DATA", str(_fake(isolated / "env", 20)))
+    root = _set(monkeypatch, setting, partial)
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist("train", root=root)
+    msg = str(info.value)
+    assert msg.startswith("Fashion-MNIST 'train' split not found")
+    assert f"  - {partial} {WHY[setting]}: missing train-labels-idx1-ubyte[.gz]\n" in msg
+    assert "only folder searched" in msg and "Fix:" in msg
+    for other in (isolated / "env", isolated.joinpath(*CACHE_PARTS), fm.SYSTEM_DIR):
+        assert f"{other} (" not in msg  # no other folder was searched
+    assert len(load_fashion_mnist("test", root=root)[0]) == 10  # the test split is complete
+
+
+@pytest.mark.parametrize("setting", ["root", "env"])
+@pytest.mark.parametrize("kind", ["absent", "file"])
+def test_explicit_folder_that_is_not_there(isolated, monkeypatch, setting, kind):
+    _fake(fm.SYSTEM_DIR, 40)
+    folder = isolated / "typo"
+    if kind == "file":
+        folder.write_text("not a folder")
+    root = _set(monkeypatch, setting, folder)
+    for call in (lambda: load_fashion_mnist("test", root=root),
+                 lambda: find_fashion_mnist("train", root=root),
+                 lambda: locate_fashion_mnist(root=root)):
+        with pytest.raises(FileNotFoundError) as info:
+            call()
+        msg = str(info.value)
+        reason = "the folder does not exist" if kind == "absent" else "not a folder"
+        assert f"  - {folder} {WHY[setting]}: missing: {reason}\n" in msg
+        assert str(fm.SYSTEM_DIR) not in msg
+        assert "sudo apt-get install dataset-fashion-mnist" in msg
+        assert "BNKIT_DATA" in msg and "root=" in msg
+
+
+def test_default_search_error_lists_folders_and_fix(isolated, monkeypatch):
+    cache = make_fake_fashion_mnist(isolated.joinpath(*CACHE_PARTS), n_train=10, n_test=10,
+                                    size=4)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (cache / name).unlink()
+    monkeypatch.setenv("BNKIT_DATA", "")  # empty: not set
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist("train")
+    msg = str(info.value)
+    line = f"  - {cache} (user cache): missing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]"
+    assert line in msg and f"  - {fm.SYSTEM_DIR} (Debian package dataset-fashion-mnist): missing" in msg
+    assert msg.index(str(cache)) < msg.index(str(fm.SYSTEM_DIR))
+    assert "root= and $BNKIT_DATA are not set" in msg
+    assert "sudo apt-get install dataset-fashion-mnist" in msg
+    assert "BNKIT_DATA" in msg.split("Fix:")[1] and "root=" in msg.split("Fix:")[1]
+    assert len(load_fashion_mnist("test")[0]) == 10  # the cache holds the test split
+
+
+def test_locate_returns_the_folder_holding_both_splits(isolated, monkeypatch):
+    assert bnkit.data.locate_fashion_mnist is locate_fashion_mnist
+    root = _fake(isolated / "root", 10)
+    env = _fake(isolated / "env", 20)
+    assert locate_fashion_mnist(root) == root and locate_fashion_mnist(str(root)) == root
+    monkeypatch.setenv("BNKIT_DATA", str(env))
+    assert locate_fashion_mnist() == env
+    monkeypatch.delenv("BNKIT_DATA")
+    cache = _fake(isolated.joinpath(*CACHE_PARTS), 30)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (cache / name).unlink()
+    _fake(fm.SYSTEM_DIR, 40)
+    assert locate_fashion_mnist() == fm.SYSTEM_DIR  # the cache lacks the test split
+    assert find_fashion_mnist("train")[0].parent == cache  # one split: the first folder
+    with pytest.raises(FileNotFoundError) as info:
+        locate_fashion_mnist(cache)
+    msg = str(info.value)
+    assert msg.startswith("Fashion-MNIST data set (both splits) not found")
+    assert f"{cache} (root=): missing t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]" in msg
 
 
 def test_gz_preferred_over_raw_in_same_folder(isolated):
@@ -430,30 +516,12 @@ def test_gz_preferred_over_raw_in_same_folder(isolated):
     assert len(load_fashion_mnist(root=folder)[0]) == 10
 
 
-def test_missing_dataset_lists_folders_and_fix(isolated, monkeypatch):
-    root = isolated / "nowhere"
-    monkeypatch.setenv("BNKIT_DATA", str(isolated / "env-nowhere"))
-    with pytest.raises(FileNotFoundError) as info:
-        load_fashion_mnist("test", root=root)
-    msg = str(info.value)
-    for folder in (root, isolated / "env-nowhere",
-                   isolated / "home" / ".cache" / "bnkit" / "fashion-mnist", fm.SYSTEM_DIR):
-        assert str(folder) in msg
-    assert msg.index(str(root)) < msg.index("env-nowhere") < msg.index(str(fm.SYSTEM_DIR))
-    assert "apt-get install dataset-fashion-mnist" in msg
-    assert "BNKIT_DATA" in msg and "root=" in msg and "t10k-images-idx3-ubyte" in msg
-
-
-def test_missing_dataset_mentions_unset_env(isolated):
-    with pytest.raises(FileNotFoundError, match=r"\$BNKIT_DATA is not set"):
-        load_fashion_mnist()
-
-
 def test_bad_arguments(tiny_idx_dir):
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("valid", root=tiny_idx_dir)
-    with pytest.raises(ValueError, match="verify"):
-        load_fashion_mnist(root=tiny_idx_dir, verify="yes")
+    for bad in ("yes", 1, 0, None):
+        with pytest.raises(ValueError, match="verify must be 'auto', True or False"):
+            load_fashion_mnist(root=tiny_idx_dir, verify=bad)
 
 
 # ---------------------------------------------------------------- checksums
@@ -486,9 +554,86 @@ def test_verify_true_checks_every_file(tiny_idx_dir, tmp_path):
     with pytest.raises(ChecksumError, match="MD5 mismatch") as info:
         load_fashion_mnist(root=tiny_idx_dir, verify=True)
     assert "cf8536b0aa1a6ac5fa3f23001093305c" in str(info.value)
+    # Raw files must be the official decompressed files: checked against their MD5.
     raw = make_fake_fashion_mnist(tmp_path / "raw", n_train=10, n_test=10, size=4, gzip=False)
-    with pytest.raises(ChecksumError, match="verify=True needs the official gzip file"):
+    path = raw / "train-images-idx3-ubyte"
+    with pytest.raises(ChecksumError, match="MD5 mismatch") as info:
         load_fashion_mnist(root=raw, verify=True)
+    msg = str(info.value)
+    assert str(path) in msg and hashlib.md5(path.read_bytes()).hexdigest() in msg
+    assert "f4a8712d7a061bf5bd6d2ca38dc4d50a" in msg and "verify=True" in msg
+
+
+def test_official_decompressed_table():
+    """Sizes follow from the shapes (16-byte idx3 header, 8-byte idx1 header, 28x28 images)."""
+    assert fm.OFFICIAL_CONTENT == {
+        "train-images-idx3-ubyte": (16 + 60000 * 28 * 28, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train-labels-idx1-ubyte": (8 + 60000, "9018921c3c673c538a1fc5bad174d6f9"),
+        "t10k-images-idx3-ubyte": (16 + 10000 * 28 * 28, "8181f5470baa50b63fa0f6fddb340f0a"),
+        "t10k-labels-idx1-ubyte": (8 + 10000, "15d484375f8d13e6eb1aabb0c3f46965"),
+    }
+
+
+def _official_size_labels(folder, gz):
+    """A train split whose labels file has the official decompressed size (60008 bytes) but
+    fake content (every label 0); the images file is small. Returns the labels path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    write_idx(folder / ("train-images-idx3-ubyte" + suffix), np.zeros((60000, 1, 1), np.uint8),
+              gzip=gz)
+    return write_idx(folder / ("train-labels-idx1-ubyte" + suffix), np.zeros(60000, np.uint8),
+                     gzip=gz)
+
+
+def _content_md5(path):
+    """MD5 of a file's IDX content: the bytes after gunzip for a gzip file (the oracle)."""
+    raw = path.read_bytes()
+    return hashlib.md5(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).hexdigest()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzipped-again"])
+def test_official_size_content_must_have_the_official_md5(tmp_path, gz):
+    path = _official_size_labels(tmp_path / "d", gz)
+    found = _content_md5(path)
+    with pytest.raises(ChecksumError) as info:
+        load_fashion_mnist(root=tmp_path / "d")
+    msg = str(info.value)
+    assert str(path) in msg and found in msg and "9018921c3c673c538a1fc5bad174d6f9" in msg
+    assert "60008 bytes" in msg and ("after gunzip" in msg) == gz
+    assert "apt-get install --reinstall dataset-fashion-mnist" in msg and "verify=False" in msg
+    labels = load_fashion_mnist(root=tmp_path / "d", verify=False)[1]
+    assert labels.shape == (60000,) and int(labels.abs().sum()) == 0
+    with pytest.raises(ChecksumError):  # the cached file is still checked
+        load_fashion_mnist(root=tmp_path / "d")
+
+
+def test_official_size_content_with_the_official_md5_loads(tmp_path, monkeypatch):
+    path = _official_size_labels(tmp_path / "d", gz=True)
+    table = dict(fm.OFFICIAL_CONTENT)
+    table["train-labels-idx1-ubyte"] = (60008, _content_md5(path))
+    monkeypatch.setattr(fm, "OFFICIAL_CONTENT", table)
+    assert load_fashion_mnist(root=tmp_path / "d")[1].shape == (60000,)
+    with pytest.raises(ChecksumError, match="train-images-idx3-ubyte"):  # True: every file
+        load_fashion_mnist(root=tmp_path / "d", verify=True)
+
+
+def test_other_sizes_are_not_hashed_under_auto(tmp_path):
+    """One byte off the official size: not claiming to be official, so it loads."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte", np.zeros((60001, 1, 1), np.uint8))
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros(60001, np.uint8))  # 60009 bytes
+    assert load_fashion_mnist(root=folder)[1].shape == (60001,)
+
+
+def test_official_gzip_md5_makes_the_content_check_redundant(tmp_path, monkeypatch):
+    """A .gz with the official MD5 is the official download: its content is not hashed
+    again (here the real content table disagrees with the fake content: no error)."""
+    path = _official_size_labels(tmp_path / "d", gz=True)
+    files = dict(fm.OFFICIAL_FILES)
+    files[path.name] = (path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(fm, "OFFICIAL_FILES", files)
+    assert load_fashion_mnist(root=tmp_path / "d")[1].shape == (60000,)
 
 
 # ---------------------------------------------------------------- content checks
@@ -533,10 +678,10 @@ def test_cache_hits_and_returns_fresh_tensors(tmp_path):
     folder = make_fake_fashion_mnist(tmp_path / "c", n_train=20, n_test=10, size=4)
     images, _ = load_fashion_mnist(root=folder)
     key = next(k for k in fm._CACHE if k[0] == str((folder / "train-images-idx3-ubyte.gz").resolve()))
-    cached = fm._CACHE[key][0]
+    cached = fm._CACHE[key].array
     images[:] = 0  # editing the result must not leak into the cache
     again, _ = load_fashion_mnist(root=folder)
-    assert fm._CACHE[key][0] is cached
+    assert fm._CACHE[key].array is cached
     assert torch.equal(again, torch.from_numpy(cached)) and again.sum() > 0
     assert len(fm._CACHE) <= fm._CACHE_MAX
 
