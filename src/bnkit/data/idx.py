@@ -4,6 +4,13 @@ An IDX file is: two zero bytes, a type code, the number of dimensions, one
 big-endian uint32 per dimension, then the values in big-endian C order. Files
 may be gzipped; gzip is detected from the content (bytes ``1f 8b``), not from
 the file name, because downloads are often renamed or already unpacked.
+
+Reading is bounded by the header: the reader inflates and reads in 1 MiB steps, never
+past the declared size plus a 64 KiB probe for trailing bytes, so a small gzip file
+that inflates to gigabytes, or an endless file such as ``/dev/zero``, fails fast in
+little memory. The header itself is checked first: at most ``MAX_IDX_DIMS`` (32)
+dimensions, and a declared size (product of the dimensions times the item size, in
+exact integers) of at most ``max_bytes`` (default ``MAX_IDX_BYTES``, 4 GiB).
 """
 
 from __future__ import annotations
