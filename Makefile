@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+GPU     := $(VENV)/.installed-gpu
 DATA    := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data lint clean
+.PHONY: demo test setup gpu data lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,10 +17,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,lab,fast]'
-	-$(BIN)/pip install -q -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
 	touch $(STAMP)
 
+# Triton (about 1 GB), the GPU backend. `make test` always installs it, so the GPU kernels
+# are tested in Triton's interpreter on any machine; `make demo` only where a GPU is present.
+$(GPU): $(STAMP)
+	-$(BIN)/pip install -q -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
+	touch $(GPU)
+
 setup: $(STAMP)
+
+gpu: $(GPU)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
 data:
@@ -31,11 +39,12 @@ data:
 # The lab's quick suite (about 5 minutes on 2 cores), then where its report is.
 # `bnkit demo` (the one-minute MLP comparison) remains available as a command.
 demo: setup data
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(MAKE) -s gpu; fi
 	@run=runs/$$(date +%Y%m%d-%H%M%S); \
 	$(BIN)/bnkit lab --quick --out $$run && \
 	echo "Report: $$run/report.html (one self-contained file; report.md beside it)"
 
-test: setup
+test: setup gpu
 	$(BIN)/python -m pytest -q
 
 lint: setup

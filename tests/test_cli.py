@@ -1,4 +1,5 @@
 """Tests for the `bnkit` command line: --version, info, demo, errors and registration."""
+import os
 import subprocess
 import sys
 import types
@@ -105,21 +106,38 @@ def test_demo_runs_on_tiny_data_and_sets_threads(tiny_idx_dir, capsys):
     assert "After 40 steps: BN" in out and out.rstrip().splitlines()[-1].startswith("Wall time:")
 
 
-def test_demo_missing_dataset_exit_2_with_fix(isolated, capsys):
-    empty = isolated / "empty"
-    empty.mkdir()
-    assert cli.main(["demo", "--data", str(empty)]) == 2
+@pytest.mark.parametrize("command", [["demo"], ["lab", "--mini"]])
+def test_missing_dataset_exits_2_with_the_finders_message(isolated, capsys, command):
+    out = isolated / "run"
+    argv = command + (["--out", str(out)] if "lab" in command else [])
+    assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
-    assert captured.err.startswith("bnkit demo: error: Fashion-MNIST 'train' split not found")
-    assert f"{empty} (root=): missing" in captured.err
+    assert captured.err.startswith(f"bnkit {command[0]}: error: Fashion-MNIST")
     assert "sudo apt-get install dataset-fashion-mnist" in captured.err
-    assert "bnkit demo --data DIR" in captured.err and "BNKIT_DATA" in captured.err
+    assert f"bnkit {command[0]} --data DIR" in captured.err and "BNKIT_DATA" in captured.err
+    assert not out.exists()  # no run folder full of failures
+
+
+@pytest.mark.parametrize("command", [["demo"], ["lab", "--mini"]])
+def test_data_folder_without_the_files_is_an_error_not_a_fallback(tiny_idx_dir, tmp_path,
+                                                                 monkeypatch, capsys, command):
+    monkeypatch.setenv("BNKIT_DATA", str(tiny_idx_dir))  # a folder that would have worked
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    argv = command + ["--data", str(empty)] + (["--out", str(out)] if "lab" in command else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bnkit {command[0]}: error: ") and str(empty) in err
+    assert str(tiny_idx_dir) not in err and not out.exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
-    (["--threads", "two"], "argument --threads: must be an integer >= 1, got 'two'"),
+    (["--threads", "two"], "argument --threads: must be an integer, got 'two'"),
+    (["--threads", "0"], "argument --threads: must be an integer from 1 to"),
+    (["--threads", "100000"], f"CPU core; this machine has {os.cpu_count()}), got 100000"),
     (["--lr", "-1"], "argument --lr: must be a finite number > 0, got '-1'"),
     (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
 ])
@@ -178,10 +196,23 @@ def test_optional_module_registers_only_when_it_imports(registry, monkeypatch, t
     assert cli.HELP["fakelab"] == "Run the fake lab."  # the docstring's first line
     assert cli.HELP["fakereport"] == "rebuild the fake report"
     cli.build_parser([])  # no subcommand named: every optional module is tried
-    assert "absent" not in cli.COMMANDS and "broken" not in cli.COMMANDS
+    assert "absent" not in cli.COMMANDS
     assert "absent" not in cli.UNAVAILABLE  # a module that does not exist is not a problem
     assert cli.UNAVAILABLE["broken"] == ("fake_broken: No module named "
                                          "'bnkit_missing_dependency'")  # present but fails
+
+
+def test_subcommand_with_a_missing_extra_says_what_to_install(registry, monkeypatch, tmp_path,
+                                                              capsys):
+    (tmp_path / "fake_needs_extra.py").write_text("import bnkit_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.OPTIONAL.clear()
+    registry.OPTIONAL["lab"] = ("fake_needs_extra", "")
+    registry.COMMANDS.pop("lab", None)  # as in a fresh process
+    assert cli.main(["lab", "--quick", "init"]) == 2  # not argparse's "invalid choice"
+    err = capsys.readouterr().err
+    assert err.startswith("bnkit lab: error: `bnkit lab` needs packages that are not installed")
+    assert "bnkit_missing_dependency" in err and "pip install 'bnkit[lab]'" in err
 
 
 def test_user_error_in_a_subcommand_exits_2_without_traceback(registry, monkeypatch, capsys):

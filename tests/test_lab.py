@@ -280,7 +280,7 @@ def test_resolve_defaults_and_errors():
         config.resolve(["init"], overrides={"convergence": {"steps": 3}})
     with pytest.raises(ValueError, match="profile must be one of"):
         config.resolve(profile="huge")
-    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+    with pytest.raises(ValueError, match="threads must be an integer from 1 to"):
         config.resolve(threads=0)
     with pytest.raises(ValueError, match="experiment names must be unique"):
         config.resolve(["init", "init"])
@@ -310,7 +310,7 @@ def test_spread_and_fmt_match_statistics():
 
 
 def test_records_ignore_torn_lines_and_keep_the_last_duplicate(tmp_path):
-    a = {"key": "a", "experiment": "x", "metrics": {"v": 1}}
+    a = {"key": "a", "experiment": "x", "variant": {}, "seed": 0, "metrics": {"v": 1}}
     store.append_record(tmp_path, a)
     store.append_record(tmp_path, {**a, "metrics": {"v": 2}})
     with open(tmp_path / "metrics.jsonl", "a") as fh:
@@ -425,3 +425,168 @@ def test_missing_dependency_skips_the_experiment_and_says_why(tiny_idx_dir, tmp_
     md = res.report_md.read_text()
     assert res.cells_run == 0 and "Not run: bnkit.nn has no BNLSTM yet." in md
     assert "| not run |" in md
+
+
+# ----------------------------------------------------------------------------- faults
+
+_KILLER = """
+import os, signal, sys
+from bnkit import set_backend
+from bnkit.lab import config, init, runner
+set_backend("reference")
+real, calls = init.run_cell, []
+def run_cell(ctx, cfg, variant, seed):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a crash or OOM kill
+    return real(ctx, cfg, variant, seed)
+init.run_cell = run_cell
+runner.run_lab(config.resolve(["init"], "mini", data=sys.argv[1]), sys.argv[2], progress=False)
+"""
+
+
+def test_a_run_killed_in_its_first_session_can_be_resumed(tiny_idx_dir, tmp_path,
+                                                           reference_backend):
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, str(tiny_idx_dir), str(run_dir)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = store.read_json(run_dir / "run.json")  # written when the session started
+    assert run["status"] == "running" and len(run["sessions"]) == 1
+    assert len(store.read_records(run_dir)) == 1
+    again = runner.run_lab({}, run_dir, resume=True, progress=False, strict=True)
+    assert again.status == "finished"
+    assert len(store.read_records(run_dir)) == _planned(store.read_json(run_dir / "config.json"))
+
+
+def test_resume_drops_a_torn_last_line_and_says_so(tiny_idx_dir, tmp_path, capsys,
+                                                  reference_backend):
+    cfg = _mini(tiny_idx_dir, ["init"])
+    first = runner.run_lab(cfg, tmp_path / "run", progress=False, strict=True)
+    path = first.run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:25])  # the last record, torn mid-write
+    capsys.readouterr()
+    again = runner.run_lab({}, first.run_dir, resume=True, progress=False, strict=True)
+    assert "dropped a torn last line" in capsys.readouterr().err
+    assert again.status == "finished" and again.cells_run == 1
+    assert len(store.read_records(first.run_dir)) == _planned(cfg)
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # all whole
+
+
+def test_a_record_always_starts_on_its_own_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"key": "b", "experim')  # a torn fragment
+    rec = {"key": "a", "experiment": "x", "variant": {}, "seed": 0, "metrics": {}}
+    store.append_record(tmp_path, rec)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[1] == json.dumps(rec)
+
+
+@pytest.mark.parametrize("line, words", [
+    (b"42", "expected a cell record (a JSON object), got int"),
+    (b"null", "got NoneType"),
+    (b"[1,2]", "got list"),
+    (b'{"experiment": "init"}', "field 'variant' must be an object, got nothing"),
+    (b"\xff\xfe", "not UTF-8 text"),
+    (b'{"key": "a", "experim', "not valid JSON"),
+])
+def test_damaged_metrics_line_names_file_line_and_fault(tiny_idx_dir, tmp_path, capsys, line,
+                                                        words, reference_backend):
+    first = runner.run_lab(_mini(tiny_idx_dir, ["init"]), tmp_path / "run", progress=False,
+                           strict=True)
+    path = first.run_dir / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + line + b"\n" + b"".join(lines[1:]))
+    with pytest.raises(ValueError, match="line 2") as err:
+        store.read_records(first.run_dir)
+    assert str(path) in str(err.value) and words in str(err.value)
+    capsys.readouterr()
+    from bnkit import cli as bnkit_cli
+    for argv in (["report", str(first.run_dir)], ["lab", "--resume", str(first.run_dir)]):
+        assert bnkit_cli.main(argv) == 2
+        err_text = capsys.readouterr().err
+        assert f"{path}, line 2" in err_text and words in err_text
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"profile": "huge", "seeds": 1, "threads": 1, "data": null, "experiments": {}}',
+     "unknown profile 'huge'"),
+    ('{"profile": "mini", "seeds"', "line 1, column"),
+    ("[]", "expected a JSON object, got list"),
+    ('{"profile": "mini", "seeds": 1, "threads": 1, "data": null, "experiments": {"x": {}}}',
+     "unknown experiment(s) ['x']"),
+])
+def test_damaged_config_is_named(tmp_path, capsys, text, words):
+    from bnkit import cli as bnkit_cli
+
+    (tmp_path / "config.json").write_text(text)
+    for argv in (["report", str(tmp_path)], ["lab", "--resume", str(tmp_path)]):
+        assert bnkit_cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / "config.json") in err and words in err, err
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tiny_idx_dir, tmp_path,
+                                                            reference_backend):
+    first = runner.run_lab(_mini(tiny_idx_dir, ["init"]), tmp_path / "run", progress=False,
+                           strict=True)
+    before = (first.run_dir / "run.json").read_bytes()
+    refused = pytest.raises(ValueError, match=r"in use by another bnkit lab process \(pid ")
+    with store.locked(first.run_dir), refused:  # as a running `bnkit lab --resume` holds it
+        runner.run_lab({}, first.run_dir, resume=True, progress=False)
+    assert (first.run_dir / "run.json").read_bytes() == before  # nothing written
+    again = runner.run_lab({}, first.run_dir, resume=True, progress=False)  # lock released
+    assert again.status == "finished"
+
+
+def test_same_error_in_every_cell_of_the_first_experiment_stops_the_run(
+        tiny_idx_dir, tmp_path, monkeypatch, capsys, reference_backend):
+    from bnkit.lab import convergence
+
+    def broken(ctx, cfg, variant, seed):
+        raise TypeError("'bool' object is not iterable")
+
+    monkeypatch.setattr(convergence, "run_cell", broken)
+    cfg = _mini(tiny_idx_dir)  # convergence, then init
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False)
+    n_conv = len(convergence.cells(cfg["experiments"]["convergence"]))
+    assert res.status == "failed" and res.errors == n_conv and res.cells_run == 0
+    assert "the remaining cells were not run" in res.stopped
+    err = capsys.readouterr().err
+    assert err.count("cell failed: convergence: ") == n_conv
+    assert "TypeError: 'bool' object is not iterable" in err and "test_lab.py" in err
+    md = res.report_md.read_text()
+    assert "Stopped early" in md and "every cell failed" in md
+
+
+def test_different_errors_do_not_stop_the_run(tiny_idx_dir, tmp_path, monkeypatch,
+                                             reference_backend):
+    from bnkit.lab import convergence
+
+    def broken(ctx, cfg, variant, seed):
+        raise RuntimeError(f"cell {variant}")
+
+    monkeypatch.setattr(convergence, "run_cell", broken)
+    res = runner.run_lab(_mini(tiny_idx_dir), tmp_path / "run", progress=False)
+    assert res.stopped is None and res.cells_run == _planned(_mini(tiny_idx_dir, ["init"]))
+
+
+def test_an_on_eval_callback_returning_a_bar_value_is_a_clear_error():
+    from bnkit.demo import DemoData, make_mlp, train_classifier
+
+    x, y = torch.rand(32, 16), torch.arange(32) % 10
+    data = DemoData(x, y, x, y, "memory")
+    with pytest.raises(TypeError, match="on_eval must return a dict of extra columns or None, "
+                                        "got bool True"):
+        train_classifier(make_mlp(True, 8, 1, in_features=16), data, 2, eval_every=1,
+                         batch_size=8, on_eval=lambda row, m: True)
+
+
+def test_threads_above_the_bound_are_refused_before_anything_runs(tmp_path):
+    import os
+
+    with pytest.raises(ValueError, match=f"this machine has {os.cpu_count()}"):
+        config.resolve(["init"], "mini", threads=100000)

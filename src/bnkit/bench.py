@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .argtypes import check_threads
 from .bench_gpu import PASSES, format_table, interleaved_medians, make_row, parse_shape, perf_timer
 from .bench_gpu import _phase_fn as gpu_phase_fn
 
@@ -83,10 +84,7 @@ def main(args: argparse.Namespace) -> int:
 def _check_args(args) -> int:
     """Validate the numbers, apply --threads; returns the number of rounds."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1 (got {args.threads}); pass e.g. "
-                             f"--threads {os.cpu_count()}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(check_threads(args.threads))
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 15)
     if repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats} and "

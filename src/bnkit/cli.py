@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from ._version import __version__
+from .argtypes import positive_float, positive_int, thread_count
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], "int | None"]
@@ -36,6 +37,8 @@ OPTIONAL = {"bench": ("bnkit.bench", ""),
             "report": ("bnkit.lab.cli", "rebuild the HTML report of a `bnkit lab` run")}
 #: optional subcommand -> why its module, though present, did not import (`bnkit info`).
 UNAVAILABLE: dict[str, str] = {}
+#: optional subcommand -> the package extra that brings what it needs.
+EXTRAS = {"lab": "lab", "report": "lab", "bench": "lab"}
 
 EXIT_USAGE = 2  # argparse's code for usage errors; used for every user error
 
@@ -57,33 +60,28 @@ def _register_optional(only: str | None = None) -> None:
             missing = getattr(exc, "name", None) or ""
             if not (module_name + ".").startswith(missing + "."):  # not the module itself:
                 UNAVAILABLE[name] = f"{module_name}: {exc}"  # present, a dependency fails
+                register(name, _no_arguments, _needs_extra(name, exc),
+                         f"(unavailable: {_install_hint(name)})")
             continue
         summary = (module.__doc__ or "").strip().splitlines() or [""]
         register(name, module.add_arguments, module.main, help_text or summary[0])
 
 
-# ----------------------------------------------------------------------------- argument types
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _install_hint(name: str) -> str:
+    extra = EXTRAS.get(name)
+    return f"pip install 'bnkit[{extra}]'" if extra else "reinstall bnkit"
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A subcommand that cannot run: listed in the help; `main` explains it before parsing."""
+
+
+def _needs_extra(name: str, exc: ImportError) -> Run:
+    """The run function of a subcommand whose dependencies are missing: it says which."""
+    def run(args: argparse.Namespace) -> int:
+        raise ImportError(f"`bnkit {name}` needs packages that are not installed ({exc}); "
+                          f"install them with: {_install_hint(name)}")
+    return run
 
 
 # ----------------------------------------------------------------------------- info
@@ -149,21 +147,21 @@ def _run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=_positive_int, default=2000,
+    parser.add_argument("--steps", type=positive_int, default=2000,
                         help="SGD steps per model (default 2000)")
-    parser.add_argument("--eval-every", type=_positive_int, default=500,
+    parser.add_argument("--eval-every", type=positive_int, default=500,
                         help="steps between test-set evaluations (default 500)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch CPU threads (default 1: this small model runs fastest on "
                              "one thread; on a shared 2-core machine with the other core busy, "
                              "two threads can be ~100x slower per step)")
     parser.add_argument("--data", metavar="DIR", default=None,
-                        help="folder searched first for the Fashion-MNIST IDX files (then "
-                             "$BNKIT_DATA, ~/.cache/bnkit/fashion-mnist, "
-                             "/usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--lr", type=_positive_float, default=0.1,
+                        help="the folder of the Fashion-MNIST IDX files, the only one "
+                             "searched (default: $BNKIT_DATA, else ~/.cache/bnkit/fashion-mnist, "
+                             "then /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--lr", type=positive_float, default=0.1,
                         help="SGD learning rate (default 0.1)")
-    parser.add_argument("--batch-size", type=_positive_int, default=60,
+    parser.add_argument("--batch-size", type=positive_int, default=60,
                         help="batch size (default 60, as in the BN paper)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial weights and the batch order (default 0)")
@@ -180,9 +178,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         data = load_data(args.data)
     except FileNotFoundError as exc:  # the loader's root= is this command's --data
-        raise FileNotFoundError(f"{exc} On this command line, pass that folder as "
+        if args.data is not None:
+            raise
+        raise FileNotFoundError(f"{exc}\nOn this command line the folder is passed as "
                                 "`bnkit demo --data DIR`.") from None
-    run_demo(args.steps, args.eval_every, data, args.lr, args.batch_size, args.seed)
+    run_demo(args.steps, args.eval_every, data, args.lr, args.batch_size, args.seed,
+             progress=True)
     print(f"Wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -224,17 +225,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default sys.argv[1:]), run the subcommand, return the exit code.
 
-    User errors (ValueError, TypeError, OSError such as a missing file) print `bnkit <command>:
+    User errors (ValueError, TypeError, OSError such as a missing file, ImportError for a
+    subcommand whose extra is not installed) print `bnkit <command>:
     error: <message>` to stderr and return 2, without a traceback (set BNKIT_DEBUG=1 to re-raise).
     """
     parser = build_parser(argv)
+    command = _command_in(sys.argv[1:] if argv is None else argv)
+    if command in UNAVAILABLE and command in COMMANDS:  # say what to install, whatever the options
+        argv = [command]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
         code = COMMANDS[args.command][1](args)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         if os.environ.get("BNKIT_DEBUG"):
             raise
         print(f"bnkit {args.command}: error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import nn as bnn
 from .data import load_fashion_mnist
+from .progress import Bar
 
 __all__ = ["DemoData", "batch_indices", "evaluate", "format_table", "load_data", "make_mlp",
            "run_demo", "summary_line", "train_classifier", "warm_up"]
@@ -60,7 +61,8 @@ def load_data(root=None, device=None) -> DemoData:
     Pixels become x / 255 in [0, 1]; images are flattened to 784 features.
 
     Args:
-        root: Folder searched first for the IDX files (default None: the loader's search order).
+        root: The folder of the IDX files, the only one searched (default None: the loader's
+            search order).
         device: Where the tensors live (default None: CPU).
 
     Shape: x_train (60000, 784) float32, y_train (60000,) int64, x_test (10000, 784).
@@ -192,7 +194,7 @@ def _check_training_args(data: DemoData, steps, lr, batch_size, eval_every) -> N
 
 def train_classifier(model: nn.Module, data: DemoData, steps: int, lr: float = 0.1,
                      batch_size: int = 60, eval_every: int = 500, seed: int = 0,
-                     on_eval: Callable | None = None) -> list[dict]:
+                     on_eval: Callable | None = None, bar=None) -> list[dict]:
     """Train with plain SGD on softmax cross-entropy; evaluate every `eval_every` steps.
 
     Batches come from `batch_indices` with a generator seeded by `seed`, so two models
@@ -209,6 +211,7 @@ def train_classifier(model: nn.Module, data: DemoData, steps: int, lr: float = 0
         seed: Seed of the batch order (default 0).
         on_eval: Optional `f(row, model) -> dict | None`, called at each evaluation; a
             returned dict is merged into the row (e.g. activation percentiles).
+        bar: Optional `bnkit.progress.Bar`, advanced once per step.
 
     Returns:
         One dict per evaluation: step, test_acc (in [0, 1]), train_loss (mean over the
@@ -233,6 +236,8 @@ def train_classifier(model: nn.Module, data: DemoData, steps: int, lr: float = 0
         opt.step()
         loss_sum += float(loss.detach())  # syncs, so the timing includes device work
         train_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.advance()
         if step % eval_every == 0 or step == steps:
             n = step - (rows[-1]["step"] if rows else 0)
             elapsed += train_s
@@ -247,6 +252,10 @@ def _eval_row(model, data, step, train_loss, ms_per_step, elapsed, on_eval) -> d
     row = {"step": step, "test_acc": evaluate(model, data.x_test, data.y_test),
            "train_loss": train_loss, "ms_per_step": ms_per_step, "elapsed_s": elapsed}
     extra = on_eval(row, model) if on_eval is not None else None
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"on_eval must return a dict of extra columns or None, got "
+                        f"{type(extra).__name__} {extra!r}; end the callback with `return None` "
+                        "(a progress bar's update() returns a bool)")
     if extra:
         row.update(extra)
     return row
@@ -300,15 +309,18 @@ def summary_line(plain: list[dict], bn: list[dict], level: float = 0.8) -> str:
 
 
 def run_demo(steps: int = 2000, eval_every: int = 500, data=None, lr: float = 0.1,
-             batch_size: int = 60, seed: int = 0, out: Callable = print) -> dict:
+             batch_size: int = 60, seed: int = 0, out: Callable = print,
+             progress: bool = False) -> dict:
     """Train the plain and the BN MLP on the same batches and print the comparison.
 
     Args:
         steps, eval_every, lr, batch_size, seed: As in `train_classifier` (defaults 2000,
             500, 0.1, 60, 0); `seed` also seeds the initial weights.
-        data: A `DemoData`, or a folder searched first for the IDX files (default None:
+        data: A `DemoData`, or the folder of the IDX files (default None:
             the loader's search order).
         out: Where lines are printed (default print).
+        progress: Show a progress bar per model on a terminal (stderr; needs tqdm), and
+            print a line as each model finishes (default False).
 
     Returns:
         {"plain": rows, "bn": rows}, the rows of `train_classifier`.
@@ -332,7 +344,14 @@ def run_demo(steps: int = 2000, eval_every: int = 500, data=None, lr: float = 0.
         if setup_s > 0.1:
             out(f"({'BN' if bn else 'no BN'} model: {setup_s:.1f} s one-time setup on the first "
                 "step, excluded from ms/step)")
-        results[key] = train_classifier(model, data, steps, lr, batch_size, eval_every, seed)
+        label = "BN" if bn else "no BN"
+        with Bar(steps, f"{label} model", enabled=progress) as bar:
+            results[key] = train_classifier(model, data, steps, lr, batch_size, eval_every,
+                                            seed, bar=bar)
+        if progress:
+            last = results[key][-1]
+            out(f"{label} model: {steps} steps, {last['elapsed_s']:.1f} s of training, "
+                f"test accuracy {last['test_acc']:.1%}")
     out(format_table(results["plain"], results["bn"]))
     out(summary_line(results["plain"], results["bn"]))
     return results

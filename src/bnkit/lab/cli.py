@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import _positive_int as _positive
+from ..argtypes import positive_int, thread_count
 from .config import EXPERIMENTS, resolve
 
 
@@ -34,19 +34,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the papers' set-ups at CPU scale, >= 3 seeds per cell")
     mode.add_argument("--mini", dest="profile", action="store_const", const="mini",
                       help=argparse.SUPPRESS)  # tests: seconds on the tiny generated data
-    parser.add_argument("--seeds", type=_positive, default=None,
+    parser.add_argument("--seeds", type=positive_int, default=None,
                         help="seeds per cell (default 1 for --quick, 3 for --full)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="the run folder (default runs/<timestamp>)")
     parser.add_argument("--data", metavar="DIR", default=None,
-                        help="folder searched first for the Fashion-MNIST IDX files")
-    parser.add_argument("--threads", type=_positive, default=1,
+                        help="the folder of the Fashion-MNIST IDX files, the only one searched "
+                             "(default: $BNKIT_DATA, else ~/.cache/bnkit/fashion-mnist, then "
+                             "/usr/share/datasets/fashion-mnist); config.json records the one used")
+    parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch CPU threads (default 1: these small models run fastest "
                              "single-threaded on a shared 2-core machine)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue an interrupted run with its saved config, skipping "
                              "finished cells")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress bars (and the per-cell lines printed when stdout "
+                             "is not a terminal)")
 
 
 def _check_resume(args) -> None:
@@ -68,7 +72,13 @@ def run_lab_command(args) -> int:
     else:
         config = resolve(args.experiments, args.profile or "quick", args.seeds, args.threads,
                          args.data)
-        result = run_lab(config, args.out, progress=not args.no_progress)
+        try:
+            result = run_lab(config, args.out, progress=not args.no_progress)
+        except FileNotFoundError as exc:  # the loader's root= is this command's --data
+            if args.data is not None:
+                raise
+            raise FileNotFoundError(f"{exc}\nOn this command line the folder is passed as "
+                                    "`bnkit lab --data DIR`.") from None
     _print_summary(result)
     return {"finished": 0, "interrupted": 130}.get(result.status, 1)
 
@@ -80,6 +90,8 @@ def _print_summary(result) -> None:
     print(text[start:end].strip())
     print(f"\nStatus: {result.status}; {result.cells_run} cell(s) run in this session; "
           f"wall time {result.wall_s:.1f} s in total.")
+    if result.stopped:
+        print(f"Stopped early: {result.stopped}")
     if result.status == "interrupted":
         print(f"Partial report written. Continue with: bnkit lab --resume {result.run_dir}")
     print(f"Report: {result.report_html}\n        {result.report_md}")

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+from pathlib import Path
+
+from ..argtypes import check_threads
+from . import store
 
 #: CLI name -> module under bnkit.lab, in report order.
 EXPERIMENTS = {
@@ -76,7 +80,8 @@ def resolve(experiments=None, profile: str = "quick", seeds: int | None = None,
         seeds: seeds per cell (default: 1 for quick and mini, 3 for full); full needs >= 3.
         threads: torch CPU threads (default 1: small models on a shared 2-core machine run
             fastest single-threaded).
-        data: folder searched first for the Fashion-MNIST IDX files (default None).
+        data: the folder of the Fashion-MNIST IDX files, the only one searched (default None:
+            the loader's search order); `run_lab` replaces it by the folder found.
         overrides: {experiment: {key: value}} applied over the profile (tests use it).
 
     Returns:
@@ -93,7 +98,7 @@ def resolve(experiments=None, profile: str = "quick", seeds: int | None = None,
     seeds = DEFAULT_SEEDS[profile] if seeds is None else seeds
     _check_int("seeds", seeds, 3 if profile == "full" else 1,
                "--full runs at least 3 seeds per cell" if profile == "full" else "pass --seeds 1")
-    _check_int("threads", threads, 1, "pass --threads 1 (the default) or more")
+    check_threads(threads, "threads")
     names = _check_names(experiments)
     overrides = dict(overrides or {})
     stray = sorted(set(overrides) - set(names))
@@ -104,3 +109,34 @@ def resolve(experiments=None, profile: str = "quick", seeds: int | None = None,
                             f"experiment {name!r}") for name in names}
     return {"profile": profile, "seeds": seeds, "threads": threads,
             "data": None if data is None else str(data), "experiments": configs}
+
+
+def load_config(run_dir) -> dict:
+    """The config.json of a run folder, checked: a damaged or foreign file is a ValueError
+    that names it and what is wrong, before anything is run or rebuilt from it."""
+    path = Path(run_dir) / store.CONFIG
+    config = store.read_json(path)
+    fix = "restore the file, or start a new run"
+    if not isinstance(config, dict):
+        raise ValueError(  # noqa: TRY004 - a damaged file, not a wrong argument
+            f"{path}: expected a JSON object, got {type(config).__name__}; {fix}")
+    missing = [k for k in ("profile", "seeds", "threads", "data", "experiments")
+               if k not in config]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}; {fix}")
+    if config["profile"] not in PROFILES:
+        raise ValueError(f"{path}: unknown profile {config['profile']!r}, expected one of "
+                         f"{PROFILES}; {fix}")
+    for key in ("seeds", "threads"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key} must be an integer >= 1, got {value!r}; {fix}")
+    experiments = config["experiments"]
+    if not isinstance(experiments, dict) or not all(isinstance(c, dict)
+                                                    for c in experiments.values()):
+        raise ValueError(f"{path}: 'experiments' must map names to config objects; {fix}")
+    unknown = sorted(set(experiments) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown experiment(s) {unknown}: expected names from "
+                         f"{', '.join(EXPERIMENTS)}; {fix}")
+    return config

@@ -74,7 +74,7 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     warm_up(model, data.x_train[:cfg["batch"]], data.y_train[:cfg["batch"]])
     with ctx.bar(cfg["steps"], f"lr {variant['lr']}, BN {variant['bn']}") as bar:
         def on_eval(row, m):
-            bar.update(row["step"] - bar.n)
+            bar.advance_to(row["step"])
             return probe(row, m)
         rows = train_classifier(model, data, cfg["steps"], variant["lr"], cfg["batch"],
                                 cfg["eval_every"], seed, on_eval)

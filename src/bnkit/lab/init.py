@@ -43,7 +43,7 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     with ctx.bar(cfg["steps"], f"init {variant['init_std']:g}, BN {variant['bn']}") as bar:
         rows = train_classifier(model, data, cfg["steps"], cfg["lr"], cfg["batch"],
                                 cfg["eval_every"], seed,
-                                lambda row, m: bar.update(row["step"] - bar.n))
+                                lambda row, m: bar.advance_to(row["step"]))
     return {"steps": [r["step"] for r in rows], "acc": [r["test_acc"] for r in rows],
             "final_acc": rows[-1]["test_acc"], "final_loss": rows[-1]["train_loss"]}
 

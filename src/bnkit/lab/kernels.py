@@ -11,6 +11,7 @@ from . import plots
 from .sections import Section, Table, by, fmt, mean, verdict_of
 
 NAME = "kernels"
+USES_DATA = False  # synthetic tensors: runs without Fashion-MNIST
 TITLE = "BN kernels against torch (bnkit bench)"
 CLAIM = ("bnkit's fastest CPU backend runs the BN training step (forward + backward) at least "
          "as fast as torch.nn.functional.batch_norm.")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import store
-from .config import PROFILE_NOTES, experiment_module
+from .config import PROFILE_NOTES, experiment_module, load_config
 from .plots import png_bytes
 from .sections import Section, Table
 
@@ -33,7 +33,7 @@ def duration(seconds: float) -> str:
 
 def sections(run_dir: Path) -> list[Section]:
     """One Section per configured experiment, from the finished cells."""
-    config = store.read_json(run_dir / store.CONFIG)
+    config = load_config(run_dir)
     run = _read_run(run_dir)
     records = store.read_records(run_dir)
     out = []
@@ -42,8 +42,7 @@ def sections(run_dir: Path) -> list[Section]:
         recs = [r for r in records if r["experiment"] == name]
         planned = len(mod.cells(cfg)) * config["seeds"]
         if name in run.get("skipped", {}) or not recs:
-            why = run.get("skipped", {}).get(name, "no cell finished (the run was interrupted "
-                                                   "or has not reached this experiment)")
+            why = run.get("skipped", {}).get(name) or _why_none(run, name)
             sec = Section(name, mod.TITLE, mod.CLAIM, headline=f"not run: {why}",
                           paragraphs=[f"Not run: {why}."])
         else:
@@ -51,6 +50,14 @@ def sections(run_dir: Path) -> list[Section]:
         sec.config, sec.cells = cfg, (len(recs), planned)
         out.append(sec)
     return out
+
+
+def _why_none(run: dict, name: str) -> str:
+    """Why an experiment has no finished cell: its cells' error, or not reached yet."""
+    failed = [e for e in run.get("errors", []) if e["key"].split("|", 1)[0] == name]
+    if failed:
+        return f"every cell failed ({len(failed)}), e.g. {failed[0]['error']}"
+    return "no cell finished (the run was interrupted or has not reached this experiment)"
 
 
 def _summarize(mod, cfg: dict, records: list[dict]) -> Section:
@@ -98,7 +105,7 @@ def _context(run_dir: Path) -> dict:
     """Run-level facts for the header: config, env, run status, per-experiment wall times."""
     env_path = run_dir / store.ENV
     records = store.read_records(run_dir)
-    config = store.read_json(run_dir / store.CONFIG)
+    config = load_config(run_dir)
     return {"name": run_dir.name, "config": config, "run": _read_run(run_dir),
             "env": store.read_json(env_path) if env_path.exists() else {},
             "times": {n: _times(records, n) for n in config["experiments"]}}
@@ -120,6 +127,8 @@ def header_lines(ctx: dict) -> list[str]:
         lines.append("This is a PARTIAL report: only the cells that finished are shown; "
                      "`bnkit lab --resume` runs the rest.")
     lines.append("Profile " + PROFILE_NOTES[cfg["profile"]])
+    if run.get("stopped"):
+        lines.append(f"Stopped early: {run['stopped']}")
     for err in run.get("errors", []):
         lines.append(f"Cell failed: {err['key']}: {err['error']}")
     return lines

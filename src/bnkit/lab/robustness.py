@@ -80,7 +80,7 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
             xc = x if s == 0 else corrupt(x, name, s, seed=1000 * seed + s)
             for m, values in acc.items():
                 values.append(accuracy(model, m, xc, y, cfg))
-                bar.update(1)
+                bar.advance()
     return {"severities": levels, "acc": acc,
             "mean_err": {m: 1 - sum(a) / len(a) for m, a in acc.items()}}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..progress import Bar, is_terminal, say
 from . import report, store
-from .config import experiment_module
+from .config import experiment_module, load_config
 from .env import collect_env
 from .train import get_data
 
@@ -34,6 +36,7 @@ class RunResult:
     cells_run: int
     errors: int
     wall_s: float
+    stopped: str | None = None  # why the run stopped before its last cell, if it did
 
 
 class Context:
@@ -59,12 +62,10 @@ class Context:
         os.replace(tmp, path)
         return obj
 
-    def bar(self, total: int, desc: str):
-        """A transient tqdm bar (hidden when progress is off or stderr is not a terminal)."""
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, position=1,
-                    disable=None if self.progress else True)
+    def bar(self, total: int, desc: str) -> Bar:
+        """A transient bar under the run's bar (hidden when progress is off or stderr is not a
+        terminal); its methods return None, so a callback may end with a call to it."""
+        return Bar(total, desc, enabled=self.progress, position=1)
 
 
 def new_run_dir(out=None) -> Path:
@@ -111,36 +112,98 @@ def _label(variant: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in variant.items())
 
 
+ERROR_LINES = 4  # lines of a failed cell's error shown on the screen
+
+
+def _show_failure(where: str, exc: BaseException, run_dir: Path) -> None:
+    """Tell the person at the screen which cell failed and why (the first lines of the error
+    and the innermost frame); the whole traceback is in run.json."""
+    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    at = [f"at {f.filename}:{f.lineno} in {f.name}" for f in frame]
+    text = "\n  ".join(lines[:ERROR_LINES] + at)
+    say(f"cell failed: {where}\n  {text}\n  (full traceback in {run_dir / store.RUN})")
+
+
+def _systematic(errors: list[dict], first: str, n_first: int) -> str | None:
+    """Why to stop: every cell of the first experiment (2 or more) failed with one error."""
+    if n_first < 2 or len(errors) != n_first or len({e["error"] for e in errors}) != 1:
+        return None
+    return (f"all {n_first} cells of the first experiment, {first}, failed with the same "
+            f"error ({errors[0]['error']}); the remaining cells were not run. Fix the cause, "
+            "then continue with --resume")
+
+
 def _loop(ctx: Context, todo: list[tuple], run: dict, session: dict, strict: bool) -> None:
     """Run the pending cells, counting them in session["cells_run"] as they finish (so an
-    interrupt keeps the count); a failing cell is recorded (or re-raised when strict)."""
-    from tqdm.auto import tqdm
-
-    with tqdm(todo, desc="bnkit lab", unit="cell", disable=None if ctx.progress else True) as it:
-        for name, variant, seed, key in it:
-            it.set_postfix_str(f"{name}: {_label(variant)}, seed {seed}", refresh=False)
+    interrupt keeps the count); a failing cell is recorded and shown (or re-raised when
+    strict). Without a terminal on stdout each finished cell prints one line, so a long run
+    in a log shows it is alive. Stops early when the first experiment fails systematically
+    (the reason goes to run["stopped"])."""
+    first = todo[0][0] if todo else ""
+    n_first = sum(1 for cell in todo if cell[0] == first)
+    lines = ctx.progress and not is_terminal(sys.stdout)
+    with Bar(len(todo), "bnkit lab", enabled=ctx.progress, unit="cell") as bar:
+        for i, (name, variant, seed, key) in enumerate(todo, 1):
+            where = f"{name}: {_label(variant)}, seed {seed}"
+            bar.note(where)
+            t0 = time.perf_counter()
             try:
                 store.append_record(ctx.run_dir, _run_cell(ctx, name, variant, seed, key))
                 session["cells_run"] += 1
+                outcome = "done"
             except Exception as exc:
                 if strict:
                     raise
                 run["errors"].append({"key": key, "error": f"{type(exc).__name__}: {exc}",
                                       "traceback": traceback.format_exc()})
+                _show_failure(where, exc, ctx.run_dir)
+                outcome = "FAILED"
+            if lines:
+                print(f"[{i}/{len(todo)}] {where}: {outcome} in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
+            bar.advance()
+            if i == n_first and (why := _systematic(run["errors"], first, n_first)):
+                run["stopped"] = why
+                say(f"stopping: {why}")
+                return
+
+
+def data_folder(config: dict) -> dict:
+    """`config` with "data" set to the folder Fashion-MNIST is read from, found before any
+    cell runs (experiments with USES_DATA = False need none). A missing data set, or a
+    `data` folder that lacks the files, raises FileNotFoundError saying where it looked and
+    how to install it: nothing is run and no run folder is made."""
+    if not any(getattr(experiment_module(n), "USES_DATA", True) for n in config["experiments"]):
+        return config
+    from ..data import locate_fashion_mnist
+
+    return {**config, "data": str(locate_fashion_mnist(config["data"]))}
 
 
 def run_lab(config: dict, run_dir=None, *, resume: bool = False, progress: bool = True,
             strict: bool = False) -> RunResult:
     """Run (or continue) a lab run and write its report.
 
+    Fashion-MNIST is located first (`data_folder`), so a missing data set stops the run
+    before anything is made; config.json records the folder actually used. The run folder is
+    locked while cells run, and run.json is written as the session starts.
+
     Args:
         config: from `bnkit.lab.config.resolve` (ignored with resume: the saved one is used).
         run_dir: the run folder (default runs/<timestamp>); required with resume.
         resume: continue the run in run_dir, skipping finished cells.
-        progress: show tqdm bars (default True; hidden anyway when stderr is not a terminal).
+        progress: show progress: bars on a terminal (stderr), one line per finished cell
+            when stdout is not a terminal (default True).
         strict: re-raise a failing cell's exception instead of recording it (tests).
 
     Returns: a RunResult; status 'interrupted' after Ctrl-C (the partial report is written).
+
+    Raises:
+        FileNotFoundError: Fashion-MNIST is not where config["data"] (or the default search)
+            says; raised before any folder is made.
+        ValueError: run_dir already holds a run (without resume), is not a run folder or is
+            damaged (with resume), or another process is running in it.
 
     Example:
         >>> from bnkit.lab import resolve
@@ -150,23 +213,46 @@ def run_lab(config: dict, run_dir=None, *, resume: bool = False, progress: bool 
     """
     if resume:
         run_dir = store.check_run_dir(run_dir)
-        config = store.read_json(run_dir / store.CONFIG)
-        run = store.read_json(run_dir / store.RUN)
+        config = data_folder(load_config(run_dir))
     else:
+        config = data_folder(config)
         run_dir = new_run_dir(run_dir)
-        store.write_json(run_dir / store.CONFIG, config)
-        run = {"status": "running", "sessions": [], "skipped": {}, "errors": []}
-    return _session(Context(run_dir, config, progress), run, strict)
+    with store.locked(run_dir):
+        if resume:
+            run = _read_run(run_dir)
+        else:
+            store.write_json(run_dir / store.CONFIG, config)
+            run = {"status": "running", "sessions": [], "skipped": {}, "errors": []}
+        return _session(Context(run_dir, config, progress), run, strict)
+
+
+def _read_run(run_dir: Path) -> dict:
+    """run.json of a run being resumed; a run killed before its first session wrote one
+    (older versions) starts a fresh record."""
+    note = store.drop_torn_line(run_dir)
+    if note:
+        say(note)
+    if not (run_dir / store.RUN).exists():
+        return {"status": "running", "sessions": [], "skipped": {}, "errors": []}
+    run = store.read_json(run_dir / store.RUN)
+    if not isinstance(run, dict) or not isinstance(run.get("sessions"), list):
+        raise ValueError(  # noqa: TRY004 - a damaged file, not a wrong argument
+            f"{run_dir / store.RUN}: expected an object with a 'sessions' list; "
+            "restore the file, or delete it to resume with a fresh run record")
+    return run
 
 
 def _session(ctx: Context, run: dict, strict: bool) -> RunResult:
-    """One process's share of a run: set threads, plan, loop, record, report."""
+    """One process's share of a run: set threads, plan, loop, record, report. run.json is
+    written as the session starts, so a run killed at any point can be resumed."""
     t0, c0, threads = time.perf_counter(), time.process_time(), torch.get_num_threads()
     torch.set_num_threads(ctx.config["threads"])
     session = {"started": datetime.now().isoformat(timespec="seconds"), "wall_s": 0.0,
                "cells_run": 0}
     run["sessions"].append(session)
     run["errors"], run["status"] = [], "running"
+    run.pop("stopped", None)
+    store.write_json(ctx.run_dir / store.RUN, run)
     if not (ctx.run_dir / store.ENV).exists():
         store.write_json(ctx.run_dir / store.ENV, collect_env())
     previous = _sigterm_as_interrupt()
@@ -206,5 +292,5 @@ def _close(ctx: Context, run: dict, session: dict, start: tuple) -> RunResult:
     store.write_json(ctx.run_dir / store.RUN, run)
     md, page = report.build(ctx.run_dir)
     return RunResult(ctx.run_dir, run["status"], md, page, session["cells_run"],
-                     len(run["errors"]),
-                     sum(s["wall_s"] for s in run["sessions"]))
+                     len(run["errors"]), sum(s["wall_s"] for s in run["sessions"]),
+                     run.get("stopped"))

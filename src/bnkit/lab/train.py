@@ -117,7 +117,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         seed: seed of the batch order.
         optimizer: 'sgd' (default) or 'rmsprop' (momentum unused), as in OPTIMIZERS.
         clip: clip the gradient norm to this value before each step (default None: no).
-        bar: optional progress bar with update(n).
+        bar: optional `bnkit.progress.Bar`, advanced once per step.
         eval_every, eval_fn: call eval_fn(model) -> dict every eval_every steps and at the end.
 
     Returns: [{"step", "train_loss", **eval_fn(model)}] (empty without eval_fn).
@@ -146,7 +146,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch
             nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         if bar is not None:
-            bar.update(1)
+            bar.advance()
         if eval_fn is not None and (step == steps or (eval_every and step % eval_every == 0)):
             rows.append({"step": step, "train_loss": sum(losses) / len(losses), **eval_fn(model)})
             losses = []
