@@ -590,3 +590,18 @@ def test_threads_above_the_bound_are_refused_before_anything_runs(tmp_path):
 
     with pytest.raises(ValueError, match=f"this machine has {os.cpu_count()}"):
         config.resolve(["init"], "mini", threads=100000)
+
+
+def test_config_records_the_data_folder_actually_used(tiny_idx_dir, tmp_path, monkeypatch,
+                                                      reference_backend):
+    monkeypatch.setenv("BNKIT_DATA", str(tiny_idx_dir))
+    res = runner.run_lab(config.resolve(["init"], "mini"), tmp_path / "run", progress=False,
+                         strict=True)
+    assert store.read_json(res.run_dir / "config.json")["data"] == str(tiny_idx_dir)
+
+
+def test_kernels_alone_needs_no_data_set(isolated):
+    cfg = config.resolve(["kernels"], "mini")
+    assert runner.data_folder(cfg) is cfg  # nothing to locate, no error
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        runner.data_folder(config.resolve(["init"], "mini"))
