@@ -13,14 +13,22 @@ from .. import functional as F
 
 
 class NormBase(nn.Module):
-    """Holds what every BN layer owns; subclasses only write `forward`."""
+    """Holds what every BN layer owns; subclasses only write `forward`.
+
+    The layers that hold BN running statistics and compute nothing but BN also derive from
+    torch's `_BatchNorm` (declared on each class, e.g. `class BatchNorm(NormBase,
+    _BatchNorm)`), so torch's tools and `isinstance` idioms see them; NormBase comes first
+    in their MRO, so its methods (and bnkit's forward) are the ones that run. NormBase
+    itself stays a plain Module for layers torch's tools would rebuild wrongly
+    (`BatchNormAct`: torch would drop the activation).
+    """
 
     _version = 2  # torch's BN state-dict version: 2 added num_batches_tracked
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not _BatchNorm.__init__: the registration below is ours
         _check_constructor(num_features, eps, momentum)
         fk = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, eps, momentum

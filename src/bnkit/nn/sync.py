@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..functional.sync import check_process_group, sync_batch_norm_train
@@ -11,7 +12,7 @@ from .base import NormBase
 from .batchnorm import BatchNorm
 
 
-class SyncBatchNorm(NormBase):
+class SyncBatchNorm(NormBase, _BatchNorm):
     """Batch normalization whose training statistics span every rank of a process group.
 
     In training, each rank computes (count, mean, M2) of its batch, the ranks all-gather them
@@ -129,6 +130,9 @@ class SyncBatchNorm(NormBase):
 
 
 def _is_plain_bn(module: nn.Module) -> bool:
-    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or bnkit's BatchNorm (and its 1d/2d/3d)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
+    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or bnkit's BatchNorm (and its 1d/2d/3d); not
+    the rest of bnkit's family, which also derives from torch's _BatchNorm."""
+    if isinstance(module, BatchNorm):
+        return True
+    return isinstance(module, _BatchNorm) and not isinstance(module, NormBase)
 
