@@ -109,6 +109,7 @@ class NormBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _unwrap_converted(self, state_dict, prefix)
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
@@ -118,6 +119,23 @@ class NormBase(nn.Module):
                                else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _unwrap_converted(layer, state_dict, prefix) -> None:
+    """Accept the state dict of the layer's `convert(..., "torch")` form: the torch BN at
+    child "0", then the layer's drop/act modules at "1", "2" (nn.Sequential or the fx module
+    that moves the channel axis). Keys move in place, before torch's loading sees them."""
+    if any(prefix + k in state_dict for k in ("weight", "running_mean", "running_var")):
+        return
+    if not any(k.startswith(prefix + "0.") for k in state_dict):
+        return
+    from .act import tail_modules
+
+    names = [""] + [name + "." for name, _ in tail_modules(layer)]
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head, _, rest = key[len(prefix):].partition(".")
+        if head.isdigit() and int(head) < len(names):
+            state_dict[prefix + names[int(head)] + rest] = state_dict.pop(key)
 
 
 def _check_constructor(num_features, eps, momentum) -> None:
