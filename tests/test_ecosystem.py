@@ -111,7 +111,7 @@ def test_swa_update_bn_matches_torch(layer_fn):
         torch.testing.assert_close(getattr(ours[1], key), getattr(ref[1], key), rtol=1e-12,
                                    atol=1e-12)
     assert int(ours[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 3
-    assert ours[1].momentum == momentum and not ours.training is False
+    assert ours[1].momentum == momentum and ours.training  # both restored by update_bn
 
 
 def test_swa_update_bn_recurrent_rows():
@@ -259,7 +259,7 @@ def test_converted_model_runs_and_scripts_without_bnkit():
             "torch.testing.assert_close(d['model'](d['x']), d['y'], rtol=1e-6, atol=1e-6)\n"
             "assert not any('bnkit' in type(m).__module__ for m in d['model'].modules())\n")
     run = subprocess.run([sys.executable, "-c", code], input=buf.getvalue(),
-                         capture_output=True, timeout=300)
+                         capture_output=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
 
 

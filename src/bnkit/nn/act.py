@@ -58,7 +58,8 @@ class BatchNormAct(NormBase):
         num_features: C, the size of the channel dimension.
         act: 'relu' (default), 'silu', 'gelu', 'identity', or an nn.Module.
         eps, momentum, affine, track_running_stats: as in `BatchNorm` (1e-5, 0.1, True, True).
-        axis: the channel dimension (default 1). Keyword-only.
+        axis: the channel dimension (default 1). bias: learn the shift (default True).
+            Keyword-only.
         drop: a module applied between the BN and the activation (default None), as in timm's
             BatchNormAct2d (act(drop(BN(x)))); with one, the activation runs as a module.
             Keyword-only.
@@ -75,15 +76,15 @@ class BatchNormAct(NormBase):
 
     def __init__(self, num_features: int, act="relu", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, axis: int = 1, drop: nn.Module | None = None,
-                 device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, *, axis: int = 1, bias: bool = True,
+                 drop: nn.Module | None = None, device=None, dtype=None) -> None:
         fused, module = resolve_act(act)
         if drop is not None and not isinstance(drop, nn.Module):
             raise TypeError(f"drop must be None or an nn.Module applied between the BN and the "
                             f"activation (got {type(drop).__name__}); pass e.g. "
                             "drop=nn.Dropout(0.1)")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
-                         device=device, dtype=dtype)
+                         bias=bias, device=device, dtype=dtype)
         if drop is not None:  # registered only when given: the module tree stays as before
             self.drop = drop
             fused = None  # the activation runs after the drop, as a module

@@ -8,6 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..functional.sync import check_process_group, sync_batch_norm_train
+from .act import tail_modules
 from .base import NormBase
 from .batchnorm import BatchNorm
 
@@ -131,8 +132,11 @@ class SyncBatchNorm(NormBase, _BatchNorm):
 
 def _is_plain_bn(module: nn.Module) -> bool:
     """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or bnkit's BatchNorm (and its 1d/2d/3d); not
-    the rest of bnkit's family, which also derives from torch's _BatchNorm."""
+    the rest of bnkit's family, which also derives from torch's _BatchNorm, nor a timm-style
+    BN with an activation (a plain SyncBatchNorm would drop it: bnkit.convert(model, "sync")
+    keeps it)."""
     if isinstance(module, BatchNorm):
         return True
-    return isinstance(module, _BatchNorm) and not isinstance(module, NormBase)
+    return (isinstance(module, _BatchNorm) and not isinstance(module, NormBase)
+            and not tail_modules(module))
 
