@@ -79,6 +79,10 @@ def test_layers_are_instances_of_torch_classes(layer, torch_cls):
     assert isinstance(layer, torch_cls) and isinstance(layer, _BatchNorm)
     assert isinstance(layer, bnkit.nn.NormBase)
     assert type(layer).forward is not _BatchNorm.forward  # bnkit's forward runs
+    rank = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(torch_cls, 2)
+    layer._check_input_dim(torch.zeros((2, 4) + (3,) * (rank - 2)))  # torch's hook works
+    with pytest.raises(ValueError, match=r"expected .*D input \(got 1D"):
+        layer._check_input_dim(torch.zeros(4))
 
 
 def test_frozen_and_act_layers_stay_outside_batchnorm():
@@ -337,6 +341,7 @@ def test_timm_layers_freeze_and_unfreeze():
     with torch.no_grad():
         torch.testing.assert_close(frozen.eval()(x), ref, rtol=1e-12, atol=1e-12)
     back = bnkit.unfreeze(frozen)
+    assert back is model  # in place
     assert [type(back[i]) for i in (1, 2, 4)] == [TimmBatchNormAct2d] * 3
     assert back[1].act.negative_slope == 0.3 and type(back[2].drop) is nn.Dropout
     after = back.state_dict()

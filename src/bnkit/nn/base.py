@@ -72,6 +72,15 @@ class NormBase(nn.Module):
                 f"affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}{axis}")
 
+    def _check_input_dim(self, input) -> None:
+        """torch's _BatchNorm hook (its _NormBase version raises NotImplementedError): a
+        tensor with a batch and a channel dimension. The core checks the rest at the call."""
+        if not isinstance(input, torch.Tensor) or input.dim() < 2:
+            got = f"{input.dim()}D input of shape {tuple(input.shape)}" \
+                if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"{type(self).__name__} expected at least 2D input (got {got}); "
+                             "it needs a batch and a channel dimension, e.g. x.unsqueeze(0)")
+
     def _momentum_and_step(self):
         """(momentum to use now, whether to count a step) in training mode.
 
