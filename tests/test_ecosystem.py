@@ -349,6 +349,25 @@ def test_timm_layers_freeze_and_unfreeze():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_timm_dropout_without_activation_is_kept():
+    layer = trained(randomize(nn.Sequential(TimmBatchNormAct2d(
+        3, apply_act=False, drop_layer=lambda: nn.Dropout(0.5)).to(DT))))[0]
+    x = batches(1, seed=2)[0]
+    for to, kinds in (("bnkit", None), ("torch", [nn.BatchNorm2d, nn.Dropout]),
+                      ("frozen", [FrozenBatchNorm, nn.Dropout])):
+        out = bnkit.convert(layer, to, inplace=False).train()
+        if kinds is None:
+            assert type(out) is BatchNormAct and type(out.drop) is nn.Dropout
+        else:
+            assert [type(m) for m in out] == kinds
+        torch.manual_seed(6)
+        y = out(x)
+        torch.manual_seed(6)
+        ref = copy.deepcopy(layer).train(to != "frozen")
+        ref.drop.train()  # frozen BN: running statistics, then the same dropout draw
+        torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
+
+
 def test_one_timm_layer_does_not_block_the_others():
     model = nn.Sequential(nn.BatchNorm2d(4), TimmBatchNormAct2d(4), nn.BatchNorm2d(4))
     out = bnkit.convert(model, "frozen")
