@@ -10,7 +10,6 @@ from bnkit.nn.ghost import GhostBatchNorm
 from bnkit.nn.recurrent import RecurrentBatchNorm
 from bnkit.nn.renorm import BatchRenorm
 from bnkit.tools import convert, freeze, unfreeze
-from bnkit.tools.convert import TorchBatchNorm
 
 torch.set_num_threads(1)
 
@@ -65,7 +64,7 @@ def test_freeze_round_trip_is_exact():
     model.eval()
     model[1].train()
     before = sd(model)
-    frozen = freeze(model)
+    frozen = freeze(model, inplace=False)
     assert sum(isinstance(m, bnkit.nn.FrozenBatchNorm) for m in frozen.modules()) == 5
     assert_same_state(sd(model), before)  # the original is untouched
     back = unfreeze(frozen)
@@ -120,10 +119,10 @@ class TVFrozenBatchNorm2d(nn.Module):
 def test_duck_typed_frozen_bn():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), TVFrozenBatchNorm2d(4))
     assert bnkit.tools.is_frozen_bn(model[1]) and bnkit.tools.is_bn(model[1])
-    back = unfreeze(model)
+    back = unfreeze(model, inplace=False)
     assert type(back[1]) is bnkit.nn.BatchNorm2d
     torch.testing.assert_close(eval_out(back, X), eval_out(model, X), rtol=1e-6, atol=1e-6)
-    frozen = convert(model, "frozen")
+    frozen = convert(model, "frozen", inplace=False)
     torch.testing.assert_close(eval_out(frozen, X), eval_out(model, X), rtol=1e-6, atol=1e-6)
 
 
@@ -131,11 +130,11 @@ def test_torch_bnkit_torch_is_bit_exact():
     model = trained(net())
     model[12].momentum = 0.25
     before = sd(model)
-    to_bnkit = convert(model, "bnkit")
+    to_bnkit = convert(model, "bnkit", inplace=False)
     assert type(to_bnkit[1]) is bnkit.nn.BatchNorm2d and type(to_bnkit[12]) is \
         bnkit.nn.BatchNorm1d
     assert_same_state(sd(to_bnkit), before)
-    back = convert(to_bnkit, "torch")
+    back = convert(to_bnkit, "torch", inplace=False)
     assert [type(m) for m in back.modules()] == [
         nn.BatchNorm2d if isinstance(m, bnkit.nn.BatchNorm2d) else type(m)
         for m in model.modules()]
@@ -143,7 +142,7 @@ def test_torch_bnkit_torch_is_bit_exact():
     assert back[12].momentum == 0.25 and back[9].eps == 1e-3 and not back[9].affine
     assert_same_state(sd(back), before)
     assert back[7].bias is None  # bias=False carried to torch's layer, which accepts None
-    direct = convert(model, "torch")
+    direct = convert(model, "torch", inplace=False)
     torch.testing.assert_close(eval_out(back, X), eval_out(direct, X), rtol=0, atol=0)
     torch.testing.assert_close(eval_out(back, X), eval_out(model, X), rtol=1e-6, atol=1e-6)
 
@@ -154,7 +153,7 @@ def test_torch_bnkit_torch_is_bit_exact():
 def test_every_target_keeps_eval_outputs(to, kwargs):
     model = trained(net()).eval()
     model[1].train()
-    converted = convert(model, to, **kwargs)
+    converted = convert(model, to, inplace=False, **kwargs)
     bns = [m for m in converted.modules() if bnkit.tools.is_bn(m)]
     assert len(bns) == 5
     assert converted[1].training and not converted[4].training
@@ -165,17 +164,17 @@ def test_every_target_keeps_eval_outputs(to, kwargs):
 
 def test_renorm_and_ghost_options_and_types():
     model = trained(net())
-    r = convert(model, "renorm", r_max=2.0, d_max=1.0)
+    r = convert(model, "renorm", r_max=2.0, d_max=1.0, inplace=False)
     assert type(r[1]) is BatchRenorm and r[1].r_max == 2.0 and r[1].d_max == 1.0
     assert r[4].momentum is None  # the source's momentum, not BatchRenorm's default
-    gh = convert(model, "ghost", virtual_batch_size=3)
+    gh = convert(model, "ghost", virtual_batch_size=3, inplace=False)
     assert type(gh[1]) is GhostBatchNorm and gh[1].virtual_batch_size == 3
     assert type(convert(model, "sync")[1]) is bnkit.nn.SyncBatchNorm
 
 
 def test_group_norm_copies_affine():
     model = trained(net())
-    g = convert(model, "group", num_groups=2)
+    g = convert(model, "group", num_groups=2, inplace=False)
     assert isinstance(g[1], nn.GroupNorm) and g[1].num_groups == 2
     assert torch.equal(g[1].weight, model[1].weight) and torch.equal(g[1].bias, model[1].bias)
     assert g[7].bias is None and not g[9].affine
@@ -196,21 +195,14 @@ def test_group_norm_indivisible_is_an_error_naming_layer():
 
 def test_errors_name_the_layer_and_leave_model_untouched():
     model = trained(net())
-    model.add_module("13", bnkit.nn.BatchNormAct(6, act="relu"))
+    model.add_module("13", nn.BatchNorm1d(6, track_running_stats=False))
     before = sd(model)
-    with pytest.raises(TypeError, match="layer '13' \\(BatchNormAct\\) fuses the activation"):
-        convert(model, "torch", inplace=True)
-    with pytest.raises(TypeError, match="layer '13'.*ReLU"):
-        freeze(model, inplace=True)
+    with pytest.raises(ValueError, match="layer '13'.*no running statistics.*nothing to freeze"):
+        freeze(model)
     assert isinstance(model[1], nn.BatchNorm2d)  # nothing was replaced
     assert_same_state(sd(model), before)
-    nostats = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
-    with pytest.raises(ValueError, match="layer '1'.*no running statistics.*nothing to freeze"):
-        freeze(nostats)
     last = nn.Sequential(bnkit.nn.BatchNorm(4, axis=-1))
     with pytest.raises(ValueError, match="axis -1.*convert to 'bnkit'"):
-        convert(last, "torch")
-    with pytest.raises(ValueError, match="axis -1"):
         convert(last, "group", num_groups=2)
     with pytest.raises(ValueError, match="lazy layer.*first forward"):
         convert(nn.Sequential(nn.LazyBatchNorm2d()), "bnkit")
@@ -222,18 +214,23 @@ def test_errors_name_the_layer_and_leave_model_untouched():
         convert(model, "ghost")
     with pytest.raises(ValueError, match="num_groups must be a positive int.*got 0"):
         convert(model, "group", num_groups=0)
-    with pytest.raises(TypeError, match="nn.Module.*got str"):
+    with pytest.raises(TypeError, match="^convert expects an nn.Module.*got str"):
         convert("model", "torch")
-    with pytest.raises(TypeError, match="nn.Module.*got str"):
+    with pytest.raises(TypeError, match="^unfreeze expects an nn.Module.*got str"):
         unfreeze("model")
+    with pytest.raises(TypeError, match=r"^freeze expects an nn.Module \(got int\).*"
+                                        r"bnkit.freeze\(model\)"):
+        freeze(3)
 
 
 def test_root_layer_identity_act_and_recurrent():
     bn = trained(nn.Sequential(nn.Conv2d(3, 4, 1), bnkit.nn.BatchNormAct(4, act="identity")))
-    out = convert(bn[1], "torch")  # the model is itself a BN layer
-    assert type(out) is TorchBatchNorm and torch.equal(out.running_mean, bn[1].running_mean)
-    x = torch.randn(2, 4, 3)  # any rank: the source class does not fix one
-    torch.testing.assert_close(out.eval()(x), bn[1].eval()(x), rtol=1e-6, atol=1e-6)
+    out = convert(bn[1], "torch")  # the model is itself a BN layer: a new root
+    inner = out.get_submodule("0")
+    assert isinstance(out, torch.fx.GraphModule) and type(inner) is nn.BatchNorm1d
+    assert torch.equal(inner.running_mean, bn[1].running_mean)
+    for x in (torch.randn(2, 4), torch.randn(2, 4, 3), torch.randn(2, 4, 3, 2)):  # any rank
+        torch.testing.assert_close(out.eval()(x), bn[1].eval()(x), rtol=1e-6, atol=1e-6)
     rec = nn.ModuleDict({"rec": RecurrentBatchNorm(3, max_steps=2), "bn": nn.BatchNorm1d(3)})
     conv = convert(rec, "frozen")
     assert type(conv["rec"]) is RecurrentBatchNorm and type(conv["bn"]) is \

@@ -13,14 +13,22 @@ from .. import functional as F
 
 
 class NormBase(nn.Module):
-    """Holds what every BN layer owns; subclasses only write `forward`."""
+    """Holds what every BN layer owns; subclasses only write `forward`.
+
+    The layers that hold BN running statistics and compute nothing but BN also derive from
+    torch's `_BatchNorm` (declared on each class, e.g. `class BatchNorm(NormBase,
+    _BatchNorm)`), so torch's tools and `isinstance` idioms see them; NormBase comes first
+    in their MRO, so its methods (and bnkit's forward) are the ones that run. NormBase
+    itself stays a plain Module for layers torch's tools would rebuild wrongly
+    (`BatchNormAct`: torch would drop the activation).
+    """
 
     _version = 2  # torch's BN state-dict version: 2 added num_batches_tracked
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not _BatchNorm.__init__: the registration below is ours
         _check_constructor(num_features, eps, momentum)
         fk = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -64,6 +72,15 @@ class NormBase(nn.Module):
                 f"affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}{axis}")
 
+    def _check_input_dim(self, input) -> None:
+        """torch's _BatchNorm hook (its _NormBase version raises NotImplementedError): a
+        tensor with a batch and a channel dimension. The core checks the rest at the call."""
+        if not isinstance(input, torch.Tensor) or input.dim() < 2:
+            got = f"{input.dim()}D input of shape {tuple(input.shape)}" \
+                if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"{type(self).__name__} expected at least 2D input (got {got}); "
+                             "it needs a batch and a channel dimension, e.g. x.unsqueeze(0)")
+
     def _momentum_and_step(self):
         """(momentum to use now, whether to count a step) in training mode.
 
@@ -101,6 +118,7 @@ class NormBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _unwrap_converted(self, state_dict, prefix)
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
@@ -110,6 +128,23 @@ class NormBase(nn.Module):
                                else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _unwrap_converted(layer, state_dict, prefix) -> None:
+    """Accept the state dict of the layer's `convert(..., "torch")` form: the torch BN at
+    child "0", then the layer's drop/act modules at "1", "2" (nn.Sequential or the fx module
+    that moves the channel axis). Keys move in place, before torch's loading sees them."""
+    if any(prefix + k in state_dict for k in ("weight", "running_mean", "running_var")):
+        return
+    if not any(k.startswith(prefix + "0.") for k in state_dict):
+        return
+    from .act import tail_modules
+
+    names = [""] + [name + "." for name, _ in tail_modules(layer)]
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head, _, rest = key[len(prefix):].partition(".")
+        if head.isdigit() and int(head) < len(names):
+            state_dict[prefix + names[int(head)] + rest] = state_dict.pop(key)
 
 
 def _check_constructor(num_features, eps, momentum) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import NormBase
 
 
-class BatchNorm(NormBase):
+class BatchNorm(NormBase, _BatchNorm):
     """Batch normalization over every dimension but the channel `axis`, for any rank >= 2.
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, per channel. In training the batch
@@ -78,19 +80,22 @@ def _check_tensor(module, x) -> None:
                         "dtype=torch.float32)")
 
 
-class BatchNorm1d(_FixedRank):
-    """Drop-in for torch.nn.BatchNorm1d: input (N, C) or (N, C, L). See `BatchNorm`."""
+class BatchNorm1d(_FixedRank, nn.BatchNorm1d):
+    """Drop-in for torch.nn.BatchNorm1d (and an instance of it): input (N, C) or (N, C, L).
+    See `BatchNorm`."""
 
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_FixedRank):
-    """Drop-in for torch.nn.BatchNorm2d: input (N, C, H, W). See `BatchNorm`."""
+class BatchNorm2d(_FixedRank, nn.BatchNorm2d):
+    """Drop-in for torch.nn.BatchNorm2d (and an instance of it): input (N, C, H, W).
+    See `BatchNorm`."""
 
     _ranks = (4,)
 
 
-class BatchNorm3d(_FixedRank):
-    """Drop-in for torch.nn.BatchNorm3d: input (N, C, D, H, W). See `BatchNorm`."""
+class BatchNorm3d(_FixedRank, nn.BatchNorm3d):
+    """Drop-in for torch.nn.BatchNorm3d (and an instance of it): input (N, C, D, H, W).
+    See `BatchNorm`."""
 
     _ranks = (5,)

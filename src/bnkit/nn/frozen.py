@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .base import _check_constructor
+from .base import _check_constructor, _unwrap_converted
 
 _KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -97,6 +97,7 @@ class FrozenBatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _unwrap_converted(self, state_dict, prefix)  # its convert(..., "torch") form
         key = prefix + "num_batches_tracked"
         if key not in state_dict:  # torchvision FrozenBatchNorm2d and pre-v2 torch checkpoints
             state_dict[key] = self.num_batches_tracked.detach().clone()

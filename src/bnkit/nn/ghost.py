@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..functional import _validate, update_running
@@ -25,7 +26,7 @@ def chunk_sizes(n: int, virtual_batch_size: int) -> list[int]:
     return sizes
 
 
-class GhostBatchNorm(NormBase):
+class GhostBatchNorm(NormBase, _BatchNorm):
     """Ghost batch normalization: each chunk of `virtual_batch_size` samples is normalized
     with its own statistics (Hoffer, Hubara & Soudry 2017).
 

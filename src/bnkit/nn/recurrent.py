@@ -5,12 +5,13 @@ import operator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .base import NormBase
 
 
-class RecurrentBatchNorm(NormBase):
+class RecurrentBatchNorm(NormBase, _BatchNorm):
     """Batch normalization with separate statistics for each time step, shared weight and bias.
 
     At step t, y = (x - mean_t) / sqrt(var_t + eps) * weight + bias, with (mean_t, var_t) the

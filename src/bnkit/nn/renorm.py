@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .. import kernels
@@ -62,7 +63,7 @@ def _check_limits(r_max, d_max, step=None) -> None:
                          "to [-d_max, d_max], and d_max = 0 gives plain BN")
 
 
-class BatchRenorm(NormBase):
+class BatchRenorm(NormBase, _BatchNorm):
     """Batch Renormalization (Ioffe 2017): train with batch statistics corrected by r and d.
 
     In training, with (mu_B, sigma_B) the batch mean and std (sqrt(biased var + eps)) and

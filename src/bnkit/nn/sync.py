@@ -4,14 +4,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..functional.sync import check_process_group, sync_batch_norm_train
+from .act import tail_modules
 from .base import NormBase
 from .batchnorm import BatchNorm
 
 
-class SyncBatchNorm(NormBase):
+class SyncBatchNorm(NormBase, _BatchNorm):
     """Batch normalization whose training statistics span every rank of a process group.
 
     In training, each rank computes (count, mean, M2) of its batch, the ranks all-gather them
@@ -129,6 +131,12 @@ class SyncBatchNorm(NormBase):
 
 
 def _is_plain_bn(module: nn.Module) -> bool:
-    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or bnkit's BatchNorm (and its 1d/2d/3d)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
+    """torch's BatchNorm1d/2d/3d/SyncBatchNorm, or bnkit's BatchNorm (and its 1d/2d/3d); not
+    the rest of bnkit's family, which also derives from torch's _BatchNorm, nor a timm-style
+    BN with an activation (a plain SyncBatchNorm would drop it: bnkit.convert(model, "sync")
+    keeps it)."""
+    if isinstance(module, BatchNorm):
+        return True
+    return (isinstance(module, _BatchNorm) and not isinstance(module, NormBase)
+            and not tail_modules(module))
 

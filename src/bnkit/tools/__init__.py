@@ -1,9 +1,10 @@
 """Model tools around BN: fold, recalibrate (precise BN), adapt (AdaBN / prior / TENT),
 freeze / unfreeze, convert and inspect, all over one module walker (`walk`).
 
-Convention: every tool that changes a model returns a changed deep copy and leaves its
-argument alone; pass inplace=True to change the model itself (the same object is returned).
-`fold` always returns a new model.
+Convention (torch's, as `SyncBatchNorm.convert_sync_batchnorm`): convert, freeze, unfreeze,
+recalibrate and adapt change the model in place and return it (a new object only when the
+model is itself a replaced BN layer: use the returned value); pass inplace=False to work on a
+deep copy. `fold` always returns a new model, like torch's fusion utilities.
 """
 from .adapt import Tent, adapt, bn_affine_params, entropy
 from .convert import TARGETS, convert

@@ -1,11 +1,15 @@
 """Swap every BN-like layer of a model for another kind, keeping what carries over.
 
-Targets: "torch" (torch.nn.BatchNorm1d/2d/3d), "bnkit" (bnkit.nn.BatchNorm*), "sync"
-(bnkit.nn.SyncBatchNorm), "frozen" (bnkit.nn.FrozenBatchNorm), "renorm" (BatchRenorm),
-"ghost" (GhostBatchNorm) and "group" (torch.nn.GroupNorm). weight, bias, running_mean,
-running_var and num_batches_tracked are copied bit for bit where the target has them (GroupNorm
-keeps only weight and bias), along with eps, momentum, affine, track_running_stats, the channel
-axis, the training flag and requires_grad.
+Targets: "torch" (torch.nn only: BatchNorm1d/2d/3d, or an fx module around BatchNorm1d for
+any rank or channel axis), "bnkit" (bnkit.nn.BatchNorm*, BatchNormAct for layers with an
+activation), "sync" (bnkit.nn.SyncBatchNorm), "frozen" (bnkit.nn.FrozenBatchNorm), "renorm"
+(BatchRenorm), "ghost" (GhostBatchNorm) and "group" (torch.nn.GroupNorm). weight, bias,
+running_mean, running_var and num_batches_tracked are copied bit for bit where the target has
+them (GroupNorm keeps only weight and bias), along with eps, momentum, affine,
+track_running_stats, the channel axis, the training flag and requires_grad. A layer with an
+activation (bnkit's BatchNormAct, timm's BatchNormAct2d: a BN with `act` and `drop` children)
+keeps them: it becomes nn.Sequential(<new BN>, [drop,] act), or a BatchNormAct for "bnkit".
+Like torch's `convert_sync_batchnorm`, layers are replaced in their parents in place.
 """
 from __future__ import annotations
 
@@ -13,12 +17,21 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import fx, nn
 
 from .. import nn as bnn
+from ..nn.act import tail_modules
 from ..nn.registry import default_num_groups
-from .walk import bn_axis, bn_eps, has_running_stats, is_bn, is_frozen_bn, replace_all, working_copy
+from .walk import (
+    bn_axis,
+    bn_eps,
+    check_module,
+    has_running_stats,
+    is_bn,
+    is_frozen_bn,
+    replace_all,
+    working_copy,
+)
 
 TARGETS = ("torch", "bnkit", "sync", "frozen", "renorm", "ghost", "group")
 _KWARGS = {"torch": set(), "bnkit": set(), "sync": {"process_group"}, "frozen": set(),
@@ -26,16 +39,6 @@ _KWARGS = {"torch": set(), "bnkit": set(), "sync": {"process_group"}, "frozen": 
            "group": {"num_groups"}}
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 UNFROZEN = "_bnkit_unfrozen"  # attribute of a FrozenBatchNorm made by convert: its source layer
-
-
-class TorchBatchNorm(_BatchNorm):
-    """torch.nn's BatchNorm for any input rank >= 2, channels at dim 1: the "torch" target for
-    layers whose rank is not known (torch's BatchNorm1d/2d/3d each check a rank)."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, *) (got {input.dim()}D input); "
-                             "add a batch dimension with x.unsqueeze(0)")
 
 
 @dataclass
@@ -103,8 +106,36 @@ def _fk(s: Source) -> dict:
 
 
 def _torch(s: Source, kw: dict) -> nn.Module:
-    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(s.dim, TorchBatchNorm)
+    """torch's BatchNorm{dim}d; BatchNorm1d (over flattened positions) when the rank is not
+    known or the channels are not at dim 1, for `torch_structure` to wrap."""
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(s.dim)
+    if cls is None or s.axis != 1:
+        cls = nn.BatchNorm1d
     return cls(*_bn_args(s), **_fk(s))
+
+
+def torch_structure(bn: nn.Module, tail: list[nn.Module], s: Source) -> nn.Module:
+    """The torch "torch" target: `bn` alone, nn.Sequential(bn, *tail), or, for any rank or a
+    channel axis other than 1, a torch.fx.GraphModule (class name "ChannelsFirstBatchNorm")
+    that moves the channels to dim 1, flattens the positions for BatchNorm1d at child "0",
+    restores the shape and axis, then runs the tail at "1", "2". Only torch classes: the
+    model pickles, scripts and exports without bnkit."""
+    if s.dim is not None and s.axis == 1:
+        return nn.Sequential(bn, *tail) if tail else bn
+    g = fx.Graph()
+    x = g.placeholder("input")
+    h = x if s.axis == 1 else g.call_method("movedim", (x, s.axis, 1))
+    flat = g.call_method("flatten", (g.call_method("unsqueeze", (h, -1)), 2))  # (N, C, L)
+    y = g.call_method("reshape_as", (g.call_module("0", (flat,)), h))
+    if s.axis != 1:
+        y = g.call_method("movedim", (y, 1, s.axis))
+    for i in range(1, len(tail) + 1):
+        y = g.call_module(str(i), (y,))
+    g.output(y)
+    root = nn.Module()
+    for i, m in enumerate([bn, *tail]):
+        root.add_module(str(i), m)
+    return fx.GraphModule(root, g, class_name="ChannelsFirstBatchNorm").train(s.training)
 
 
 def _bnkit(s: Source, kw: dict) -> nn.Module:
@@ -154,8 +185,9 @@ def _already(to: str, bn: nn.Module, kw: dict) -> bool:
     from ..nn.ghost import GhostBatchNorm
     from ..nn.renorm import BatchRenorm
 
-    kinds = {"torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, TorchBatchNorm),
-             "bnkit": (bnn.BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d),
+    kinds = {"torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+             "bnkit": (bnn.BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d,
+                       bnn.BatchNormAct),
              "frozen": (bnn.FrozenBatchNorm,), "renorm": (BatchRenorm,),
              "ghost": (GhostBatchNorm,), "sync": (getattr(bnn, "SyncBatchNorm", None),)}
     return type(bn) in kinds.get(to, ())
@@ -164,12 +196,6 @@ def _already(to: str, bn: nn.Module, kw: dict) -> bool:
 def _check_layer(to: str, name: str, bn: nn.Module, s: Source, kw: dict) -> None:
     """Raise, naming the layer, when it cannot become a `to` layer."""
     where = f"layer '{name}' ({type(bn).__name__})" if name else f"the model ({type(bn).__name__})"
-    act = getattr(bn, "act", None)
-    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
-        raise TypeError(f"convert(to={to!r}): {where} fuses the activation "
-                         f"{type(act).__name__}, which a plain {to!r} layer would drop; replace "
-                         "it by nn.Sequential(<BN layer>, <activation>) first, or build the model "
-                         "with act='identity'")
     if s.num_features < 1:
         raise ValueError(f"convert(to={to!r}): {where} has no num_features, weight or running "
                          "statistics to tell its number of channels; give it num_features")
@@ -177,9 +203,9 @@ def _check_layer(to: str, name: str, bn: nn.Module, s: Source, kw: dict) -> None
         raise ValueError(f"convert(to='frozen'): {where} has no running statistics "
                          "(track_running_stats=False), so there is nothing to freeze; build it "
                          "with track_running_stats=True and run training batches first")
-    if to in ("torch", "group") and s.axis != 1:
-        raise ValueError(f"convert(to={to!r}): {where} normalizes channels on axis {s.axis}, "
-                         f"but {to!r} layers need channels on axis 1; permute the input to "
+    if to == "group" and s.axis != 1:
+        raise ValueError(f"convert(to='group'): {where} normalizes channels on axis {s.axis}, "
+                         "but GroupNorm needs channels on axis 1; permute the input to "
                          "(N, C, *) first, or convert to 'bnkit'")
     if to == "group":
         g = kw["num_groups"]
@@ -216,7 +242,8 @@ def convertible(module: nn.Module) -> bool:
 
 
 def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
-    """The `to` layer equivalent to `bn` (None if `bn` already is one)."""
+    """The `to` layer equivalent to `bn` (None if `bn` already is one); a layer with an
+    activation becomes the new layer followed by its drop and act modules."""
     if _already(to, bn, kw):
         return None
     s = describe(bn)
@@ -224,22 +251,45 @@ def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
     if to == "group" and kw.get("num_groups") is None:
         kw["num_groups"] = default_num_groups(max(s.num_features, 1))
     _check_layer(to, name, bn, s, kw)
-    new = _FACTORIES[to](s, kw)
+    tail = dict(tail_modules(bn))
+    if to == "bnkit" and tail:
+        new = bnn.BatchNormAct(*_bn_args(s)[:1], tail.get("act", "identity"), *_bn_args(s)[1:],
+                               axis=s.axis, drop=tail.get("drop"), **_fk(s))
+    else:
+        new = _FACTORIES[to](s, kw)
     copy_state(bn, new)
     if not s.has_bias and isinstance(getattr(new, "bias", None), nn.Parameter):
         new.register_parameter("bias", None)  # bias=False source: forward treats None as 0
+    new.train(s.training)
+    if to == "torch":
+        new = torch_structure(new, list(tail.values()), s)
+    elif tail and to != "bnkit":
+        new = nn.Sequential(new, *tail.values()).train(s.training)
     if to == "frozen":
         object.__setattr__(new, UNFROZEN, bn)  # plain attribute: not a submodule, not saved
-    return new.train(s.training)
+    return new
 
 
-def convert(model: nn.Module, to: str, *, inplace: bool = False, **kwargs) -> nn.Module:
+def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.Module:
     """Swap every BN-like layer of `model` for a `to` layer, keeping what carries over.
+
+    Works in place, like torch's `SyncBatchNorm.convert_sync_batchnorm`: each layer is
+    replaced in its parent, and the model is returned (a new object only when `model` is
+    itself a BN layer: use the returned value). Pass inplace=False to convert a deep copy
+    and leave `model` alone.
 
     Layers already of the target kind are kept as they are. Running statistics, affine
     parameters and the step counter are copied exactly, so torch -> bnkit -> torch is
-    bit-exact (same classes, same state dict). Layers with per-step statistics (recurrent
-    BN) are left alone. The new layers are new objects: build optimizers after converting.
+    bit-exact (same classes, same state dict). A layer with an activation (bnkit's
+    BatchNormAct, or timm's BatchNormAct2d recognised as a BN with `act` and `drop`
+    children) keeps it: "bnkit" gives a BatchNormAct (activation and dropout modules
+    included, applied drop then act as timm does), every other target
+    nn.Sequential(<layer>, [drop,] act). "torch" gives only torch classes (no bnkit module
+    is left, the model runs and pickles without bnkit): BatchNorm1d/2d/3d, and for a layer of
+    any rank or with channels on another axis a torch.fx.GraphModule around a BatchNorm1d
+    (see `torch_structure`); the bnkit layer loads that form's state dict back. Layers with
+    per-step statistics (recurrent BN) are left alone. The new layers are new objects: build
+    optimizers after converting.
 
     Args:
         model: any nn.Module (a BN layer itself too).
@@ -247,26 +297,25 @@ def convert(model: nn.Module, to: str, *, inplace: bool = False, **kwargs) -> nn
             d_max=5.0), "ghost" (virtual_batch_size, required) or "group" (num_groups: default
             32 if it divides C, else the largest divisor of C below 32; GroupNorm gets only
             weight and bias).
-        inplace: change `model` itself instead of a copy. Default False.
+        inplace: replace the layers of `model` itself (default True); False works on a deep
+            copy.
         **kwargs: the target's options above.
 
-    Returns: the converted model (a deep copy unless inplace=True).
+    Returns: the converted model (`model` itself unless it is a BN layer or inplace=False).
 
     Raises: ValueError naming the layer when it cannot be converted (channels not
     divisible by num_groups, no running statistics to freeze, a channel axis other than 1
-    for 'torch'/'group', a lazy layer before its first forward); TypeError naming it for a
-    BatchNormAct with an activation (a plain layer would drop it) and for an unknown option.
+    for 'group', a lazy layer before its first forward), TypeError for an unknown option;
+    the model is unchanged then.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> type(convert(net, "bnkit")[1]).__name__
         'BatchNorm2d'
-        >>> convert(net, "group", num_groups=4)[1].num_groups
+        >>> convert(net, "group", num_groups=4, inplace=False)[1].num_groups
         4
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert expects an nn.Module (got {type(model).__name__}); pass the "
-                        "model")
+    check_module(model, "convert")
     _check_kwargs(to, kwargs)
     work = working_copy(model, "convert", inplace)
     return replace_all(work, lambda name, bn: build(to, name, bn, kwargs), select=convertible)

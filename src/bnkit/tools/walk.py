@@ -154,6 +154,13 @@ def check_initialized(model: nn.Module, tool: str) -> None:
                              "the model first")
 
 
+def check_module(model, tool: str) -> None:
+    """Raise TypeError, naming `tool`, when `model` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{tool} expects an nn.Module (got {type(model).__name__}); pass the "
+                        f"model, e.g. bnkit.{tool}(model)")
+
+
 def working_copy(model: nn.Module, tool: str, inplace: bool = False) -> nn.Module:
     """`model` itself if inplace, else a deep copy, after `check_initialized`."""
     check_initialized(model, tool)
