@@ -439,11 +439,11 @@ def mismatched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, wants", [
-    ("channels", ["channels (num_features): 4 on rank 0, 6 on rank 1"]),
-    ("dtype_equal_message_size", ["channels (num_features): 3 on rank 0, 7 on rank 1",
-                                  "input dtype: float32 on rank 0, float16 on rank 1"]),
-    ("axis", ["channel axis: 1 on rank 0, 2 on rank 1"]),
-    ("running_stats", ["updates running stats: yes on rank 0, no on rank 1"])])
+    ("channels", ["channels (num_features): 4 (rank 0) vs 6 (rank 1)"]),
+    ("dtype_equal_message_size", ["channels (num_features): 3 (rank 0) vs 7 (rank 1)",
+                                  "input dtype: float32 (rank 0) vs float16 (rank 1)"]),
+    ("axis", ["channel axis: 1 (rank 0) vs 2 (rank 1)"]),
+    ("running_stats", ["updates running stats: yes (rank 0) vs no (rank 1)"])])
 def test_disagreeing_ranks_all_raise_the_same_error(mismatched, name, wants):
     msgs = []
     for r in range(WORLD):
@@ -452,10 +452,28 @@ def test_disagreeing_ranks_all_raise_the_same_error(mismatched, name, wants):
         for want in wants:
             assert want in res["msg"], (r, res["msg"])
         assert "Nothing was changed on any rank" in res["msg"]
+        assert "momentum:" not in res["msg"]  # unused where running stats are not updated
         assert res["unchanged"], f"rank {r} wrote state"
         assert res["seconds"] < MISMATCH_TIMEOUT_S / 2, res  # raised at once, not timed out
         msgs.append(res["msg"])
     assert msgs[0] == msgs[1]
+
+
+def test_header_table_names_every_rank_of_each_value():
+    from bnkit.functional.sync_header import call_header, disagreement
+
+    def header(c, dtype=torch.float32, eps=1e-5, momentum=0.1):
+        return call_header(torch.empty(2, c, dtype=dtype), 1, torch.empty(c), eps, momentum,
+                           "cpu")
+
+    same = torch.stack([header(4) for _ in range(3)])
+    assert disagreement(same, [0, 1, 2], 0) is None
+    table = torch.stack([header(4), header(6, eps=1e-3), header(6, momentum=0.5)])
+    msg = disagreement(table, [0, 2, 5], 2)  # global ranks of a subgroup
+    assert "channels (num_features): 4 (rank 0) vs 6 (ranks 2, 5)" in msg
+    assert "eps: 1e-05 (ranks 0, 5) vs 0.001 (rank 2)" in msg
+    assert "momentum: 0.1 (ranks 0, 2) vs 0.5 (rank 5)" in msg
+    assert "input dtype:" not in msg and "channel axis:" not in msg
 
 
 def test_input_rejected_on_one_rank_makes_every_rank_raise(mismatched):

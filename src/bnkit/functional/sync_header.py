@@ -64,12 +64,12 @@ def _show(field: str, value: float) -> str:
 
 
 def _who(field: str, column: list[float], ranks: list[int]) -> str:
-    """'4 on rank 0, 6 on ranks 1, 2' for one field's column of the table."""
+    """'4 (rank 0) vs 6 (ranks 1, 2)' for one field's column of the table."""
     groups: dict[float, list[int]] = {}
     for value, rank in zip(column, ranks):
         groups.setdefault(value, []).append(rank)
-    return ", ".join(f"{_show(field, v)} on rank{'s' if len(rs) > 1 else ''} "
-                     f"{', '.join(map(str, rs))}" for v, rs in groups.items())
+    return " vs ".join(f"{_show(field, v)} (rank{'s' if len(rs) > 1 else ''} "
+                       f"{', '.join(map(str, rs))})" for v, rs in groups.items())
 
 
 def disagreement(table: torch.Tensor, ranks: list[int], me: int) -> str | None:
