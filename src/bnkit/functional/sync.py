@@ -18,7 +18,7 @@ peers raise after the process group's timeout (see docs/layers/sync.md).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
@@ -154,10 +154,9 @@ def shared_rejection(input, group):
     try:
         yield
     except (ValueError, TypeError):
-        try:
+        # best effort (peers gone or late, no GPU for nccl): this rank's own error is the one
+        with suppress(Exception):  # to report
             agree(rejected_header(header_device(input, group)), group, _collective)
-        except Exception:  # noqa: BLE001 - best effort (peers gone or late, no GPU for nccl):
-            pass           # this rank's own error is the one to report
         raise
 
 
