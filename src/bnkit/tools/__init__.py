@@ -1,9 +1,10 @@
 """Model tools around BN: fold, recalibrate (precise BN), adapt (AdaBN / prior / TENT),
 freeze / unfreeze, convert and inspect, all over one module walker (`walk`).
 
-Convention: every tool that changes a model returns a changed deep copy and leaves its
-argument alone; pass inplace=True to change the model itself (the same object is returned).
-`fold` always returns a new model.
+Convention: freeze, unfreeze and convert return a changed deep copy and leave their argument
+alone (inplace=True changes the model itself); recalibrate and adapt update the model in place
+and return it, as torch's update_bn and the AdaBN/TENT reference code do (inplace=False for a
+copy). `fold` always returns a new model.
 """
 from .adapt import Tent, adapt, bn_affine_params, entropy
 from .convert import TARGETS, convert
