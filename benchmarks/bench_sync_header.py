@@ -7,7 +7,7 @@ Prints, from rank 0, the median time of the header exchange (`agree`: the all-ga
 float64 per rank and the check of the table), of the bare all-gather of the header, of the
 statistics all-gather alone for the same layer, and of a SyncBatchNorm training
 step (forward + backward) with and without the header exchange, interleaved call by call
-so that both see the same machine load.
+so that both see the same machine load; a barrier before each timed call lines the ranks up.
 """
 import argparse
 import datetime
@@ -63,6 +63,7 @@ def _measure(sync, shape, group, repeats: int, rank: int) -> dict:
     times = {k: [] for k in runs}
     for i in range(repeats + 20):  # 20 warm-up rounds
         for k, fn in runs.items():
+            dist.barrier()  # both ranks start together: no skew absorbed by the timed call
             t = _time(fn)
             if i >= 20:
                 times[k].append(t)
