@@ -241,8 +241,8 @@ def adapt(model: nn.Module, data, *, method: str = "adabn", prior: float = 16.0,
     Returns: the adapted model: `model` itself, or the copy when inplace=False.
 
     Raises: ValueError, naming what the model holds, when there is nothing to adapt (e.g.
-    only frozen BN layers: unfreeze them with bnkit.unfreeze first), besides the argument
-    errors below.
+    only frozen BN layers: unfreeze them with bnkit.unfreeze first); ValueError or TypeError
+    for a bad argument (docs/tools/adapt.md lists them).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
