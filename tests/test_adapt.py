@@ -51,16 +51,16 @@ def test_each_method_restores_accuracy_on_shifted_domain(source, method):
     clean, shifted = accuracy(net, x, y), accuracy(net, shift(x), y)
     assert clean > 0.9 and shifted < 0.4  # the shift breaks the source model
     target = [shift(x[i:i + 32]) for i in range(0, len(x), 32)]
-    adapted = adapt(net, target, method=method, progress=False)
+    adapted = adapt(net, target, method=method, progress=False, inplace=False)
     assert accuracy(adapted, shift(x), y) > shifted + 0.3
-    assert accuracy(net, shift(x), y) == shifted  # the source model is unchanged
+    assert accuracy(net, shift(x), y) == shifted  # inplace=False: the source model unchanged
 
 
 def test_adabn_is_recalibrate_on_target(source):
     net, x, _ = source
     target = [(shift(x[i:i + 40]), None) for i in range(0, len(x), 40)]
-    a = adapt(net, target, method="adabn", progress=False).state_dict()
-    b = recalibrate(net, target, progress=False).state_dict()
+    a = adapt(net, target, method="adabn", progress=False, inplace=False).state_dict()
+    b = recalibrate(net, target, progress=False, inplace=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -82,7 +82,7 @@ def test_prior_mixing_formula_exact():
     src_m, src_v = model[1].running_mean.clone(), model[1].running_var.clone()
     for prior, batch_size, n in ((16, None, 6), (16, 10, 10), (3.5, None, 6)):
         new = adapt(model, data, method="prior", prior=prior, batch_size=batch_size,
-                    progress=False)
+                    progress=False, inplace=False)
         torch.testing.assert_close(new[1].running_mean, _mix(src_m, mean_t, prior, n),
                                    rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(new[1].running_var, _mix(src_v, var_t, prior, n),
@@ -199,12 +199,49 @@ def test_tent_under_no_grad_and_frozen_requires_grad():
 def test_adapt_tent_sets_target_population_statistics():
     model = mlp(dropout=0.0)  # recalibrate runs in train mode: no random dropout here
     data = [batch(i) + 3 for i in range(3)]
-    new = adapt(model, iter(data), method="tent", progress=False)  # a one-shot iterator
-    want = recalibrate(new, data, progress=False)
+    new = adapt(model, iter(data), method="tent", progress=False, inplace=False)  # one-shot
+    want = recalibrate(new, data, progress=False, inplace=False)
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in new.state_dict().items())
     assert not torch.equal(new[1].weight, model[1].weight)
     same = adapt(model, data, method="tent", inplace=True, progress=False)
     assert same is model
+
+
+@pytest.mark.parametrize("method", ["adabn", "prior", "tent"])
+def test_adapt_updates_the_model_in_place_and_returns_it(method):
+    """adapt(model, data) without assignment adapts `model` itself; with inplace=False a copy."""
+    model = mlp(dropout=0.0)
+    data = [batch(i) * 0.5 + 3 for i in range(3)]
+    with torch.no_grad():  # closed form: the first BN's input over all the target data
+        z = torch.cat([model[0](x) for x in data])
+    mean, var = z.mean(0), z.var(0)
+    kept = copy.deepcopy(model)
+    copied = adapt(model, data, method=method, progress=False, inplace=False)
+    assert copied is not model
+    assert all(torch.equal(v, kept.state_dict()[k]) for k, v in model.state_dict().items())
+    out = adapt(model, data, method=method, progress=False)
+    assert out is model
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in model.state_dict().items())
+    if method == "prior":  # N = 16 source samples, n = 16 target samples per batch
+        mean = 0.5 * kept[1].running_mean + 0.5 * mean
+        var = 0.5 * kept[1].running_var + 0.5 * var
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["adabn", "prior", "tent"])
+def test_frozen_model_is_an_error_that_recommends_unfreeze(method):
+    model = bnkit.freeze(mlp(dropout=0.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [batch(i) + 3 for i in range(2)]
+    with pytest.raises(ValueError, match=r"found 2 frozen BN layers \(FrozenBatchNorm\)"
+                                         r".*bnkit.unfreeze\(model\)") as err:
+        adapt(model, data, method=method, progress=False)
+    assert "adabn" not in str(err.value)  # adabn would change nothing either
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = bnkit.unfreeze(model)  # the recommended fix works
+    adapt(model, data, method=method, progress=False)
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
 
 
 def test_failed_tent_pass_restores_affine():
@@ -219,6 +256,23 @@ def test_failed_tent_pass_restores_affine():
     with pytest.raises(RuntimeError, match="bad batch"):
         adapt(model, [batch(0), batch(1), batch(2, n=5)], method="tent", forward=forward,
               inplace=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_failed_recalibration_after_tent_restores_affine():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [batch(0), batch(1)]
+    calls = []
+
+    def forward(m, x):  # the tent pass works; the recalibration pass after it fails
+        calls.append(1)
+        if len(calls) > len(data):
+            raise RuntimeError("bad second pass")
+        return m(x)
+
+    with pytest.raises(RuntimeError, match="bad second pass"):
+        adapt(model, data, method="tent", forward=forward, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -237,8 +291,11 @@ def test_errors():
         adapt(model, [], method="tent", progress=False)
     with pytest.raises(ValueError, match="steps must be a positive int.*got 0"):
         Tent(model, steps=0)
-    with pytest.raises(ValueError, match="BN layers with affine parameters.*found none"):
+    with pytest.raises(ValueError, match="BN layers with affine parameters to train; found 1 BN layer "
+                                         r"\(BatchNorm1d\) with affine=False.*'adabn'"):
         Tent(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False)))
+    with pytest.raises(ValueError, match="BN layers with affine parameters to train; found no BN layer"):
+        Tent(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="only the BN affine parameters.*1 other tensor"):
         Tent(model, optimizer=torch.optim.SGD([model[0].weight], lr=0.1))
     with pytest.raises(TypeError, match="optimizer must be None.*got str"):
@@ -247,5 +304,5 @@ def test_errors():
         Tent(nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2), nn.Flatten(0)).double())(batch())
     # an optimizer over the original's parameters cannot drive the copy adapt works on
     opt = torch.optim.SGD(bn_affine_params(model), lr=0.1)
-    with pytest.raises(ValueError, match="adapt works on a copy|factory"):
-        adapt(model, data, method="tent", optimizer=opt, progress=False)
+    with pytest.raises(ValueError, match="with inplace=False adapt works on a copy"):
+        adapt(model, data, method="tent", optimizer=opt, progress=False, inplace=False)

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -126,6 +127,29 @@ def test_views(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "InspectReport(3 layers" in repr(report)
+
+
+def gfm_cells(line: str) -> list[str]:
+    """The cells of a GFM table row: split on pipes not escaped by a backslash, without the
+    outer pipes, unescaped (GitHub Flavored Markdown spec, section 4.10)."""
+    assert line.startswith("|") and line.endswith("|") and not line.endswith("\\|"), line
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line[1:-1])]
+
+
+def test_markdown_table_has_one_cell_per_column_in_every_row():
+    model = make_model()
+    model.add_module("odd|name", nn.BatchNorm2d(4).double())  # a pipe in a layer name
+    report = inspect(model, make_data())
+    lines = report.to_markdown().splitlines()
+    head, delim, rows = gfm_cells(lines[0]), gfm_cells(lines[1]), lines[2:]
+    assert len(head) == 11 and len(rows) == 3
+    assert all(re.fullmatch(r":?-{3,}:?", c) for c in delim) and len(delim) == len(head)
+    assert head[5] == "|ln var ratio| max"  # shown as written once rendered
+    for line, r in zip(rows, report.layers):
+        cells = gfm_cells(line)
+        assert len(cells) == len(head), line
+        assert cells[:3] == [r.name, r.kind, str(r.num_features)]
+    assert gfm_cells(rows[2])[0] == "odd|name"
 
 
 def test_errors():

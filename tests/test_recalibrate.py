@@ -95,11 +95,11 @@ def test_only_running_stats_change_modes_and_momentum_restored():
     assert int(model[3].calls) == 0 and int(model[1].num_batches_tracked) == 0
 
 
-def test_copy_by_default_and_num_batches():
+def test_copy_with_inplace_false_and_num_batches():
     model = make_net()
     before = state(model)
     data = make_data()
-    new = recalibrate(model, iter(data), num_batches=2, progress=True)
+    new = recalibrate(model, iter(data), num_batches=2, progress=True, inplace=False)
     assert new is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     mean, var = population(model, data[:2])["5"]
@@ -119,6 +119,91 @@ def test_every_bn_kind(make_bn):
     new = recalibrate(model, data, progress=False)
     torch.testing.assert_close(new[5].running_mean, want[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new[5].running_var, want[1], rtol=1e-12, atol=1e-12)
+
+
+def one_bn_net(dtype=torch.float64):
+    """torch.nn layers around one BN: its input does not depend on other BN layers, so the
+    statistics of the concatenated data are the population statistics of every batch."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(150, 4)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("kind", ["torch", "bnkit"])
+def test_updates_the_model_in_place_like_torch_update_bn(kind):
+    """recalibrate(model, data) without assignment: the model itself holds the population
+    statistics, as after torch.optim.swa_utils.update_bn on one batch of all the data."""
+    ref = one_bn_net()
+    model = one_bn_net()
+    if kind == "bnkit":
+        model[1] = bnkit.nn.BatchNorm2d(6).double()
+        model[1].load_state_dict(ref[1].state_dict())
+    data = make_data()
+    torch.optim.swa_utils.update_bn([torch.cat(data)], ref)  # one batch: exact statistics
+    out = recalibrate(model, data, progress=False)
+    assert out is model
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # closed form over the whole data
+        z = torch.cat([model[0](x) for x in data]).transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(model[1].running_mean, z.mean(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, z.var(1), rtol=1e-12, atol=1e-12)
+    assert not model.training
+
+
+class TVFrozenBatchNorm2d(nn.Module):
+    """Stand-in for torchvision.ops.misc.FrozenBatchNorm2d: four buffers, no training."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+def frozen_models():
+    frozen = bnkit.freeze(make_net())
+    tv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), TVFrozenBatchNorm2d(6), nn.ReLU(),
+                       nn.Conv2d(6, 8, 3, padding=1), TVFrozenBatchNorm2d(8)).double()
+    return {"freeze": (frozen, "3 frozen BN layers \\(FrozenBatchNorm\\)"),
+            "torchvision": (tv, "2 frozen BN layers \\(TVFrozenBatchNorm2d\\)")}
+
+
+@pytest.mark.parametrize("case", ["freeze", "torchvision"])
+def test_frozen_model_is_an_error_that_recommends_unfreeze(case):
+    model, found = frozen_models()[case]
+    before = state(model)
+    with pytest.raises(ValueError, match=f"recalibrate: found {found} and no trainable BN "
+                                         "layer.*nothing would change.*bnkit.unfreeze\\(model\\)"):
+        recalibrate(model, make_data(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # what the message recommends works: unfreeze, recalibrate, (freeze again)
+    model = bnkit.unfreeze(model)
+    want = population(model, make_data())
+    recalibrate(model, make_data(), progress=False)
+    for name, (mean, var) in want.items():
+        torch.testing.assert_close(model.get_submodule(name).running_mean, mean, rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(model.get_submodule(name).running_var, var, rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_nothing_to_recalibrate_is_an_error_naming_what_was_found():
+    untracked = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"found 1 BN layer \(BatchNorm1d\) without running "
+                                         r"statistics \(track_running_stats=False\)"):
+        recalibrate(untracked, [torch.randn(8, 3)], progress=False)
+    with pytest.raises(ValueError, match=r"found no BN layer in the model \(Sequential\)"):
+        recalibrate(nn.Sequential(nn.Linear(3, 4)), [torch.randn(8, 3)], progress=False)
 
 
 def test_masked_bn_uses_valid_positions_only():
@@ -144,20 +229,23 @@ def test_recurrent_bn_per_step_rows():
     def forward(m, seq):  # seq (N, T, C): steps 0, 1, 2, 3 -> rows 0, 1, 1, 1
         return [m(seq[:, t], t) for t in range(seq.shape[1])]
 
+    steps = bn.num_batches_tracked.clone()
     new = recalibrate(bn, data, forward=forward, progress=False)
     allx = torch.cat(data)
     row0, row1 = allx[:, 0], allx[:, 1:].reshape(-1, 3)
     for r, vals in ((0, row0), (1, row1)):
         torch.testing.assert_close(new.running_mean[r], vals.mean(0), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(new.running_var[r], vals.var(0), rtol=1e-12, atol=1e-12)
-    assert torch.equal(new.num_batches_tracked, bn.num_batches_tracked)
+    assert torch.equal(new.num_batches_tracked, steps)
 
 
 def test_frozen_and_untracked_layers_left_alone():
     model = nn.Sequential(nn.Linear(3, 4), bnkit.nn.FrozenBatchNorm(4),
                           nn.BatchNorm1d(4, track_running_stats=False), nn.BatchNorm1d(4))
     model[1].running_mean.fill_(0.5)
-    new = recalibrate(model, [torch.randn(8, 3) for _ in range(2)], progress=False)
+    with pytest.warns(UserWarning, match=r"recalibrate: left 1 frozen BN layer "
+                                         r"\(FrozenBatchNorm\) alone.*: '1'; .*bnkit.unfreeze"):
+        new = recalibrate(model, [torch.randn(8, 3) for _ in range(2)], progress=False)
     assert torch.equal(new[1].running_mean, torch.full((4,), 0.5))
     assert new[2].running_mean is None
     assert not torch.equal(new[3].running_mean, torch.zeros(4))

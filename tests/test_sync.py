@@ -355,7 +355,7 @@ def test_stalled_peer_raises_after_the_group_timeout(failure):
     assert res["raised"], "a collective with a stalled peer returned"
     # it waited for the group's timeout (not less: the peer was alive), then raised
     assert HANG_TIMEOUT_S * 0.9 <= res["seconds"] <= HANG_TIMEOUT_S + 15, res
-    assert "all_gather of batch statistics failed on rank 0" in res["msg"]
+    assert "all_gather of the call header failed on rank 0" in res["msg"]
     assert "timeout=datetime.timedelta" in res["msg"]
 
 
@@ -364,6 +364,142 @@ def test_exited_peer_raises_within_bounded_time(failure):
     assert res["raised"], "a collective with a dead peer returned"
     assert res["seconds"] < PG_TIMEOUT_S / 2, res  # the closed connection is seen at once
     assert "a peer rank exited" in res["msg"]
+
+
+# ----------------------------------------------------------------------------- disagreeing ranks
+MISMATCH_TIMEOUT_S = 5  # the group's timeout in these scenarios: a raise must come well before
+
+# name: (rank 0's layer options and input, rank 1's); input = (shape, dtype)
+MISMATCHES = {
+    "channels": (({"num_features": 4}, ((8, 4), torch.float64)),
+                 ({"num_features": 6}, ((8, 6), torch.float64))),
+    # float32 with C=3 and float16 with C=7 send statistics messages of equal size (64 bytes)
+    "dtype_equal_message_size": (({"num_features": 3}, ((8, 3), torch.float32)),
+                                 ({"num_features": 7}, ((8, 7), torch.float16))),
+    "axis": (({"num_features": 4, "axis": 1}, ((8, 4, 4), torch.float64)),
+             ({"num_features": 4, "axis": -1}, ((8, 4, 4), torch.float64))),
+    "running_stats": (({"num_features": 3}, ((8, 3), torch.float64)),
+                      ({"num_features": 3, "track_running_stats": False},
+                       ((8, 3), torch.float64))),
+    "one_rank_rejects": (({"num_features": 4}, ((8, 4), torch.float64)),
+                         ({"num_features": 4}, ((8, 5), torch.float64))),
+}
+
+
+def _snapshot(bn) -> list:
+    return [t.detach().clone() for t in (*bn.parameters(), *bn.buffers())]
+
+
+def _unchanged(bn, before) -> bool:
+    return all(torch.equal(a, b) for a, b in
+               zip(before, [t.detach() for t in (*bn.parameters(), *bn.buffers())]))
+
+
+def _disagreeing_call(bn, x, group=None) -> dict:
+    if group is not None:
+        bn.process_group = group
+    before = _snapshot(bn)
+    start = time.monotonic()
+    try:
+        y = bn(x)
+        out = {"type": None, "msg": "", "y": y.detach()}
+    except Exception as err:  # noqa: BLE001 - the test checks type and message
+        out = {"type": type(err).__name__, "msg": str(err)}
+    out.update(seconds=time.monotonic() - start, unchanged=_unchanged(bn, before))
+    return out
+
+
+def mismatch_worker(rank: int, store: str, out_dir: str) -> None:
+    """Ranks that call the layer differently: every rank must raise, nothing written, no hang."""
+    _init(rank, store, PG_TIMEOUT_S)
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=MISMATCH_TIMEOUT_S))
+    results = {}
+    for name, per_rank in MISMATCHES.items():
+        options, (shape, dtype) = per_rank[rank]
+        bn = SyncBatchNorm(**options, process_group=short)
+        init_affine(bn)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(rank)) * 2 + 10
+        results[name] = _disagreeing_call(bn, x.to(dtype))
+    # rank 0 trains, rank 1 evaluates (no collective, as in torch): rank 0 waits for the timeout
+    eval_group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=MISMATCH_TIMEOUT_S))
+    bn = SyncBatchNorm(3, process_group=eval_group, dtype=torch.float64).train(rank == 0)
+    results["train_vs_eval"] = _disagreeing_call(bn, torch.randn(8, 3, dtype=torch.float64) + 10)
+    dist.barrier()  # rank 1 stays alive until rank 0 has given up waiting
+    x = torch.arange(4.0, dtype=torch.float64)[:, None].expand(4, 3) + 4 * rank
+    results["after"] = SyncBatchNorm(3, dtype=torch.float64)(x).detach()  # the group still works
+    torch.save(results, os.path.join(out_dir, f"mismatch{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sync_mismatch")
+    _spawn(mismatch_worker, out, limit_s=120)
+    return [torch.load(out / f"mismatch{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name, wants", [
+    ("channels", ["channels (num_features): 4 (rank 0) vs 6 (rank 1)"]),
+    ("dtype_equal_message_size", ["channels (num_features): 3 (rank 0) vs 7 (rank 1)",
+                                  "input dtype: float32 (rank 0) vs float16 (rank 1)"]),
+    ("axis", ["channel axis: 1 (rank 0) vs 2 (rank 1)"]),
+    ("running_stats", ["updates running stats: yes (rank 0) vs no (rank 1)"])])
+def test_disagreeing_ranks_all_raise_the_same_error(mismatched, name, wants):
+    msgs = []
+    for r in range(WORLD):
+        res = mismatched[r][name]
+        assert res["type"] == "ValueError", (r, res)
+        for want in wants:
+            assert want in res["msg"], (r, res["msg"])
+        assert "Nothing was changed on any rank" in res["msg"]
+        assert "momentum:" not in res["msg"]  # unused where running stats are not updated
+        assert res["unchanged"], f"rank {r} wrote state"
+        assert res["seconds"] < MISMATCH_TIMEOUT_S / 2, res  # raised at once, not timed out
+        msgs.append(res["msg"])
+    assert msgs[0] == msgs[1]
+
+
+def test_header_table_names_every_rank_of_each_value():
+    from bnkit.functional.sync_header import call_header, disagreement
+
+    def header(c, dtype=torch.float32, eps=1e-5, momentum=0.1):
+        return call_header(torch.empty(2, c, dtype=dtype), 1, torch.empty(c), eps, momentum,
+                           "cpu")
+
+    same = torch.stack([header(4) for _ in range(3)])
+    assert disagreement(same, [0, 1, 2], 0) is None
+    table = torch.stack([header(4), header(6, eps=1e-3), header(6, momentum=0.5)])
+    msg = disagreement(table, [0, 2, 5], 2)  # global ranks of a subgroup
+    assert "channels (num_features): 4 (rank 0) vs 6 (ranks 2, 5)" in msg
+    assert "eps: 1e-05 (ranks 0, 5) vs 0.001 (rank 2)" in msg
+    assert "momentum: 0.1 (ranks 0, 2) vs 0.5 (rank 5)" in msg
+    assert "input dtype:" not in msg and "channel axis:" not in msg
+
+
+def test_input_rejected_on_one_rank_makes_every_rank_raise(mismatched):
+    own, peer = mismatched[1]["one_rank_rejects"], mismatched[0]["one_rank_rejects"]
+    assert own["type"] == "ValueError" and "expected shape (5,)" in own["msg"]
+    assert peer["type"] == "ValueError"
+    assert "rank 1 rejected its input" in peer["msg"] and "rank 0 raises too" in peer["msg"]
+    for res in (own, peer):
+        assert res["unchanged"] and res["seconds"] < MISMATCH_TIMEOUT_S / 2, res
+
+
+def test_training_rank_facing_an_eval_rank_raises_after_the_timeout(mismatched):
+    train, ev = mismatched[0]["train_vs_eval"], mismatched[1]["train_vs_eval"]
+    assert train["type"] == "RuntimeError" and train["unchanged"]
+    assert "all_gather of the call header failed on rank 0" in train["msg"]
+    assert "eval mode" in train["msg"]
+    assert MISMATCH_TIMEOUT_S * 0.9 <= train["seconds"] <= MISMATCH_TIMEOUT_S + 15, train
+    # the eval rank makes no collective call (so evaluating on one rank works) and writes nothing
+    assert ev["type"] is None and ev["unchanged"]
+
+
+def test_group_keeps_working_after_disagreements(mismatched):
+    x = torch.arange(8.0, dtype=torch.float64)
+    want = (x - 3.5) / torch.sqrt(torch.tensor(5.25 + 1e-5, dtype=torch.float64))
+    for r in range(WORLD):
+        torch.testing.assert_close(mismatched[r]["after"], want[4 * r: 4 * r + 4, None].expand(4, 3))
 
 
 # ----------------------------------------------------------------------------- one process

@@ -9,11 +9,16 @@ Backward: local (sum_dy, sum_dy_xmu) --all_reduce(SUM)--> the elementwise step w
 sums and the global n, so dx is the gradient of the sum of all ranks' losses. dweight/dbias
 stay local: DDP all-reduces parameter gradients (and divides by the world size) itself.
 
-Works on any torch.distributed backend whose all_gather/all_reduce accept the input's device:
-gloo for CPU tensors, nccl for CUDA tensors. A rank that fails, exits or never reaches a
-collective makes its peers raise after the process group's timeout (see docs/layers/sync.md).
+Before the statistics, the ranks all-gather a small fixed-size call header (sync_header.py):
+ranks whose calls disagree (channel count, dtype, axis, ...) or whose input failed validation
+make every rank raise before anything is written. Works on any torch.distributed backend whose
+all_gather/all_reduce accept the input's device: gloo for CPU tensors, nccl for CUDA tensors.
+A rank that exits or never reaches a collective (an eval-mode layer makes none) makes its
+peers raise after the process group's timeout (see docs/layers/sync.md).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
@@ -24,10 +29,12 @@ from ..kernels import reference
 from .backward import grad_affine
 from .running import update_running
 from .stats import Stats, mask_view, merge_many
+from .sync_header import agree, call_header, header_device, rejected_header
 
 __all__ = [
     "SyncBatchNormFunction",
     "check_process_group",
+    "shared_rejection",
     "sync_batch_norm",
     "sync_batch_norm_train",
 ]
@@ -45,9 +52,11 @@ def _collective(op, tensors, group, what: str) -> None:
     except RuntimeError as err:  # gloo/nccl raise RuntimeError (DistBackendError) subclasses
         raise RuntimeError(
             f"SyncBatchNorm {what} failed on rank {dist.get_rank()}: a peer rank exited, raised "
-            "before this collective, or did not reach it within the process group's timeout. "
-            "Check the other ranks' logs; bound the wait with init_process_group(..., "
-            f"timeout=datetime.timedelta(seconds=...)). Backend error: {err}") from err
+            "before this collective, or did not reach it within the process group's timeout "
+            "(a peer in eval mode, or one that skipped this layer, makes no collective call: "
+            "switch train()/eval() on every rank alike). Check the other ranks' logs; bound the "
+            "wait with init_process_group(..., timeout=datetime.timedelta(seconds=...)). "
+            f"Backend error: {err}") from err
 
 
 def local_stats(backend, x, axis, mask) -> torch.Tensor:
@@ -138,18 +147,37 @@ def check_process_group(group) -> None:
                     "with torch.distributed.new_group(ranks)")
 
 
+@contextmanager
+def shared_rejection(input, group):
+    """Run local checks inside; when one raises ValueError or TypeError, send the peers a
+    rejected call header before re-raising, so that they raise too instead of waiting."""
+    try:
+        yield
+    except (ValueError, TypeError):
+        # best effort (peers gone or late, no GPU for nccl): this rank's own error is the one
+        with suppress(Exception):  # to report
+            agree(rejected_header(header_device(input, group)), group, _collective)
+        raise
+
+
 def _validate(x, running_mean, running_var, weight, bias, momentum, eps, axis, mask, group):
-    """All checks before any collective. Returns (axis >= 0, process group)."""
+    """All local checks before any collective. Returns axis >= 0."""
     from . import _validate as core_validate  # at call time: no import cycle with __init__
 
     axis = core_validate(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
                          mask, "identity")
-    check_process_group(group)
-    group = dist.group.WORLD if group is None else group
     if dist.get_backend(group) == "nccl" and x.device.type != "cuda":
         raise ValueError(f"the nccl backend needs CUDA tensors (got input on {x.device}); move "
                          "the model and data to the GPU, or use the gloo backend for CPU")
-    return axis, group
+    return axis
+
+
+def _agree_on_call(x, axis, running_mean, eps, momentum, group) -> None:
+    """One small all-gather of every rank's call header; all ranks raise alike on a mismatch."""
+    header = call_header(x, axis, running_mean, eps, momentum, header_device(x, group))
+    verdict = agree(header, group, _collective)
+    if verdict is not None:
+        raise ValueError(verdict)
 
 
 def sync_batch_norm_train(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -162,8 +190,12 @@ def sync_batch_norm_train(input, running_mean=None, running_var=None, weight=Non
         y = batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
                        axis=axis, mask=mask)
         return y, input.numel() // max(input.shape[axis], 1)
-    axis, group = _validate(input, running_mean, running_var, weight, bias, momentum, eps, axis,
-                            mask, process_group)
+    check_process_group(process_group)
+    group = dist.group.WORLD if process_group is None else process_group
+    with shared_rejection(input, group):
+        axis = _validate(input, running_mean, running_var, weight, bias, momentum, eps, axis, mask,
+                         group)
+    _agree_on_call(input, axis, running_mean, eps, momentum, group)
     if mask is not None:
         mask = mask_view(mask, input.dim(), axis)
     y, mean, var, count, positions = SyncBatchNormFunction.apply(input, weight, bias, mask, eps,
@@ -177,9 +209,10 @@ def sync_batch_norm(input, running_mean=None, running_var=None, weight=None, bia
                     momentum=0.1, eps=1e-5, *, process_group=None, axis=1, mask=None):
     """Training-mode batch normalization with statistics over all ranks of a process group.
 
-    Every rank of `process_group` must call it (same channel count and dtype), even with an
-    empty batch. The result equals single-process BN on the concatenation of all ranks'
-    batches: mean = sum_r n_r mean_r / n, var = (sum_r n_r var_r + sum_r n_r (mean_r - mean)^2)/n
+    Every rank of `process_group` must call it, configured alike (channel count, input
+    dtype and rank, axis, running buffers or not, eps, momentum), even with an empty batch.
+    The result equals single-process BN on the concatenation of all ranks' batches:
+    mean = sum_r n_r mean_r / n, var = (sum_r n_r var_r + sum_r n_r (mean_r - mean)^2)/n
     (Chan's merge, exact for uneven and empty ranks); running_var receives var * n / (n - 1)
     with the global n. The backward all-reduces (sum dy, sum dy (x - mean)); weight/bias
     gradients are this rank's share (DDP sums/averages them). Not twice differentiable.
@@ -195,8 +228,12 @@ def sync_batch_norm(input, running_mean=None, running_var=None, weight=None, bia
         mask: optional boolean mask over the non-channel dims, True at valid positions.
 
     Without an initialized process group this is `bnkit.functional.batch_norm(training=True)`.
-    A validation error raised on some ranks only leaves the others waiting in the collective
-    until the process group's timeout; the global batch-size check raises on all ranks.
+    Before the statistics, the ranks all-gather a fixed-size call header (8 float64 values):
+    when the calls disagree, every rank raises the same ValueError naming which rank has what;
+    when some ranks' input fails validation, they raise their own error and the others a
+    ValueError naming them. The global batch-size check raises on all ranks. In every case
+    nothing is written. A rank that makes no call (eval mode, a skipped layer) leaves the
+    others waiting until the process group's timeout.
 
     Shape: input (*), output the same shape and dtype.
 

@@ -64,7 +64,7 @@ def accuracy(model, method: str, x, y, cfg: dict) -> float:
     if method != "source":
         batches = list(x.split(cfg["adapt_batch"]))
         model = adapt(model, batches, method=method, prior=cfg["prior"],
-                      batch_size=cfg["adapt_batch"], progress=False)
+                      batch_size=cfg["adapt_batch"], progress=False, inplace=False)
     return evaluate(model, x, y, cfg["adapt_batch"])
 
 

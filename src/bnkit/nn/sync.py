@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from ..functional.sync import check_process_group, sync_batch_norm_train
+from ..functional.sync import check_process_group, shared_rejection, sync_batch_norm_train
 from .act import tail_modules
 from .base import NormBase
 from .batchnorm import BatchNorm
@@ -36,9 +36,13 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         process_group: the group to synchronize over (default None: the default group).
         axis: the channel dimension (default 1). Keyword-only.
 
-    Every rank must call forward in the same order (same C and dtype), even with an empty
-    batch. A failing or departed peer makes the others raise after the process group's
-    timeout: set it with `init_process_group(..., timeout=datetime.timedelta(seconds=...))`.
+    In training, every rank must call forward in the same order with the layer configured
+    alike (same C, input dtype and rank, axis, track_running_stats, eps, momentum), even with
+    an empty batch. One small all-gather of a call header comes first: ranks that disagree,
+    or whose input fails validation, make every rank raise before anything is written. A
+    departed peer, or one in eval mode (which makes no collective call, as in torch), makes
+    the others raise after the process group's timeout: set it with
+    `init_process_group(..., timeout=datetime.timedelta(seconds=...))`.
 
     Shape: input (N, C, *) for axis=1 (any rank >= 2); output the same shape and dtype.
 
@@ -75,10 +79,14 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input_dim(input)
+        group = self._sync_group()
+        if group is None:
+            self._check_input_dim(input)
+        else:  # a rejected input makes the peers raise too, instead of waiting
+            with shared_rejection(input, group):
+                self._check_input_dim(input)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
-        group = self._sync_group()
         if group is None:
             y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
                              momentum, self.eps, axis=self.axis, mask=mask)

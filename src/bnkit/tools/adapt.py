@@ -20,8 +20,9 @@ from torch import nn
 from ._run import batches, call_model, check_run_args
 from .recalibrate import (
     collect,
-    recalibrate,
+    count_layers,
     running_views,
+    set_population,
     stat_layers,
     unbiased,
     write_population,
@@ -68,7 +69,8 @@ def make_optimizer(optimizer, params: list[nn.Parameter]) -> torch.optim.Optimiz
                              f"optimizer also holds {len(bad)} other tensor(s) (shapes {bad[:3]})"
                              "; build it over bnkit.tools.bn_affine_params(model), or pass a "
                              "factory such as lambda params: torch.optim.SGD(params, lr=1e-3, "
-                             "momentum=0.9) (adapt works on a copy unless inplace=True)")
+                             "momentum=0.9) (with inplace=False adapt works on a copy, which "
+                             "an optimizer over the original's parameters cannot drive)")
         return optimizer
     if callable(optimizer):
         return optimizer(params)
@@ -112,9 +114,8 @@ class Tent(nn.Module):
                              f"(got {steps!r}); the paper uses steps=1")
         params = bn_affine_params(model)
         if not params:
-            raise ValueError("Tent needs BN layers with affine parameters to train (found none "
-                             "in the model); use BN layers with affine=True, or "
-                             "adapt(method='adabn') which needs no parameters")
+            raise ValueError(f"Tent needs BN layers with affine parameters to train; "
+                             f"{_no_affine(model)}")
         self.model, self.steps, self.episodic = model, steps, episodic
         self.params = params
         self.optimizer = make_optimizer(optimizer, params)
@@ -162,6 +163,20 @@ class Tent(nn.Module):
         self.optimizer.load_state_dict(copy.deepcopy(opt_state))
 
 
+def _no_affine(model: nn.Module) -> str:
+    """What the model holds instead of trainable BN affine parameters, and what to do."""
+    found = bn_layers(model)
+    frozen = [(n, m) for n, m in found if is_frozen_bn(m)]
+    if frozen:
+        return (f"found {count_layers(frozen, 'frozen BN layer')}, whose weight and bias are "
+                "fixed buffers, and no trainable one: unfreeze them first with "
+                "model = bnkit.unfreeze(model)")
+    if found:
+        return (f"found {count_layers(found, 'BN layer')} with affine=False: use BN layers with "
+                "affine=True, or adapt(method='adabn'), which needs no parameters")
+    return "found no BN layer in the model: tent adapts the BN layers of a model"
+
+
 class batch_stats_mode:
     """Context: other modules in eval mode, BN layers in train mode with
     track_running_stats=False (batch statistics, buffers untouched); all restored on exit."""
@@ -189,8 +204,12 @@ class batch_stats_mode:
 def adapt(model: nn.Module, data, *, method: str = "adabn", prior: float = 16.0,
           batch_size: int | None = None, optimizer=None, steps: int = 1,
           num_batches: int | None = None, forward: Callable | None = None,
-          progress: bool = True, inplace: bool = False) -> nn.Module:
+          progress: bool = True, inplace: bool = True) -> nn.Module:
     """Adapt a BN model to the domain of `data` (unlabelled target batches).
+
+    Updates `model` in place and returns it, as the AdaBN and TENT reference code do; pass
+    inplace=False to adapt a deep copy and leave `model` as it is. A failed call leaves the
+    model as it was.
 
     adabn: running statistics := target population statistics (exactly `recalibrate`).
 
@@ -212,26 +231,32 @@ def adapt(model: nn.Module, data, *, method: str = "adabn", prior: float = 16.0,
         method: "adabn", "prior" or "tent". Default "adabn".
         prior: N, the prior strength for "prior" (>= 0). Default 16.
         batch_size: n for "prior"; default None (from the data).
-        optimizer: for "tent": None (Adam lr 1e-3), or a factory callable(params) ->
-            Optimizer (an Optimizer instance only with inplace=True). Default None.
+        optimizer: for "tent": None (Adam lr 1e-3), a factory callable(params) -> Optimizer,
+            or an Optimizer over bn_affine_params(model) (not with inplace=False: the copy
+            has other parameters). Default None.
         steps: for "tent", optimizer steps per batch. Default 1.
         num_batches, forward, progress: as in `recalibrate`.
-        inplace: adapt `model` itself instead of a copy. Default False.
+        inplace: adapt `model` itself (True, default) or a deep copy of it (False).
 
-    Returns: the adapted model (a deep copy unless inplace=True).
+    Returns: the adapted model: `model` itself, or the copy when inplace=False.
+
+    Raises: ValueError, naming what the model holds, when there is nothing to adapt (e.g.
+    only frozen BN layers: unfreeze them with bnkit.unfreeze first); ValueError or TypeError
+    for a bad argument (docs/tools/adapt.md lists them).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
         ...                           torch.nn.Linear(8, 3))
         >>> target = [torch.randn(32, 4) * 3 + 1 for _ in range(4)]
-        >>> net = adapt(net, target, method="prior", prior=16, progress=False)
+        >>> adapt(net, target, method="prior", prior=16, progress=False) is net
+        True
     """
     check_run_args("adapt", model, data, num_batches, forward)
     _check_adapt_args(method, prior, batch_size)
     work = working_copy(model, "adapt", inplace)
     run = {"num_batches": num_batches, "forward": forward, "progress": progress}
     if method == "adabn":
-        return recalibrate(work, data, inplace=True, **run)
+        return set_population(work, data, tool="adapt", **run)
     if method == "prior":
         return _prior(work, data, float(prior), batch_size, **run)
     return _tent(work, data, optimizer, steps, **run)
@@ -257,7 +282,7 @@ def mix(source: torch.Tensor, target: torch.Tensor, prior: float, n: int) -> tor
 
 
 def _prior(model, data, prior, batch_size, *, num_batches, forward, progress):
-    layers = stat_layers(model)
+    layers = stat_layers(model, "adapt")
     source = {n: (m.running_mean.detach().clone(), m.running_var.detach().clone())
               for n, m in layers.items()}
 
@@ -290,19 +315,21 @@ def _unbiased_or_zero(s) -> torch.Tensor:
 
 def _tent(model, data, optimizer, steps, *, num_batches, forward, progress):
     tent = Tent(model, optimizer, steps=steps)
+    layers = stat_layers(model, "adapt", required=False)  # {}: no running statistics to set
     one_shot = isinstance(data, Iterator)  # cannot be read twice: keep the batches seen
-    seen, count = [], 0
+    seen = []
     try:
         for batch in batches(data, num_batches, progress, "adapt (tent)"):
-            count += 1
-            if one_shot:
-                seen.append(batch)
+            seen.append(batch if one_shot else None)
             tent.adapt_batch(lambda m, b=batch: call_model(m, b, forward, "adapt"))
+        if not seen:
+            raise ValueError("adapt: data yielded no batches; pass a non-empty iterable of "
+                             "batches")
+        if layers:  # buffers are written last, only after the whole pass succeeded
+            set_population(model, seen if one_shot else data, tool="adapt",
+                           num_batches=num_batches, forward=forward, progress=False,
+                           layers=layers)
     except BaseException:
         tent.reset()  # a failed call leaves gamma and beta as they were
         raise
-    if count == 0:
-        raise ValueError("adapt: data yielded no batches; pass a non-empty iterable of batches")
-    again = seen if one_shot else data
-    return recalibrate(model, again, num_batches=num_batches, forward=forward, progress=False,
-                       inplace=True)
+    return model

@@ -88,12 +88,9 @@ class InspectReport:
                 "layers": [asdict(r) for r in self.layers]}
 
     def to_markdown(self) -> str:
-        """A markdown table, one row per layer."""
-        head = "| " + " | ".join(c for c, _ in _COLUMNS) + " |"
-        rows = [head, "|" + "---|" * len(_COLUMNS)]
-        for r in self.layers:
-            cells = [_cell(r, key) for _, key in _COLUMNS]
-            rows.append("| " + " | ".join(cells) + " |")
+        """A markdown (GFM) table, one row per layer; a `|` inside a cell is escaped as `\\|`."""
+        rows = [_md_row(c for c, _ in _COLUMNS), "|" + "---|" * len(_COLUMNS)]
+        rows += [_md_row(_cell(r, key) for _, key in _COLUMNS) for r in self.layers]
         return "\n".join(rows)
 
     def plot(self, path) -> str:
@@ -105,6 +102,12 @@ class InspectReport:
     def __repr__(self) -> str:
         return f"InspectReport({len(self.layers)} layers, mode={self.mode!r})\n" + \
             self.to_markdown()
+
+
+def _md_row(cells) -> str:
+    """One table row; pipes in the cells (a column title, a layer name) are escaped so that
+    every row has as many cells as the delimiter row."""
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def _cell(r: LayerReport, key) -> str:

@@ -115,9 +115,53 @@ def unbiased(s: Stats) -> torch.Tensor:
     return s.var * (s.count / (s.count - 1))
 
 
-def stat_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """BN layers whose running statistics the tools may set: has buffers and is not frozen."""
-    return {n: m for n, m in bn_layers(model) if has_running_stats(m) and not is_frozen_bn(m)}
+def stat_layers(model: nn.Module, tool: str = "recalibrate", *,
+                required: bool = True) -> dict[str, nn.Module]:
+    """BN layers whose running statistics the tools may set: has buffers and is not frozen.
+
+    When there is none, raises ValueError naming what the model holds (the call would change
+    nothing) if `required`, else returns {}. Warns, naming them, when frozen BN layers are
+    left alone beside others.
+    """
+    found = bn_layers(model)
+    layers = {n: m for n, m in found if has_running_stats(m) and not is_frozen_bn(m)}
+    frozen = [(n, m) for n, m in found if is_frozen_bn(m)]
+    if not layers and not required:
+        return layers
+    if not layers:
+        raise ValueError(f"{tool}: {_nothing_to_set(model, found, frozen)}")
+    if frozen:
+        names = ", ".join(repr(n) for n, _ in frozen)
+        warnings.warn(f"{tool}: left {count_layers(frozen, 'frozen BN layer')} alone, with fixed "
+                      f"statistics: {names}; to set frozen layers too, unfreeze first: "
+                      "model = bnkit.unfreeze(model) (bnkit.freeze freezes again after)",
+                      stacklevel=4)
+    return layers
+
+
+def count_layers(layers: list, what: str) -> str:
+    """'3 frozen BN layers (FrozenBatchNorm)': how many, and their classes."""
+    kinds = sorted({type(m).__name__ for _, m in layers})
+    return f"{len(layers)} {what}{'s' * (len(layers) != 1)} ({', '.join(kinds)})"
+
+
+def _nothing_to_set(model: nn.Module, found: list, frozen: list) -> str:
+    """Why no layer can be recalibrated, and what to do instead."""
+    untracked = [(n, m) for n, m in found if not is_frozen_bn(m) and not has_running_stats(m)]
+    if frozen:
+        also = f" and {count_layers(untracked, 'BN layer')} without running statistics" \
+            if untracked else ""
+        return (f"found {count_layers(frozen, 'frozen BN layer')}{also} and no trainable BN layer whose "
+                "running statistics can be set, so nothing would change: frozen layers keep "
+                "fixed statistics by design. Unfreeze them first: model = bnkit.unfreeze(model), "
+                "then recalibrate/adapt (and model = bnkit.freeze(model) to freeze them again)")
+    if untracked:
+        return (f"found {count_layers(untracked, 'BN layer')} without running statistics "
+                "(track_running_stats=False) and none with them, so nothing would change: such "
+                "layers normalize with batch statistics in eval mode too. Build them with "
+                "track_running_stats=True to use population statistics")
+    return (f"found no BN layer in the model ({type(model).__name__}), so nothing would change; "
+            "pass a model with torch.nn or bnkit.nn BatchNorm layers")
 
 
 def collect(model: nn.Module, data, layers: dict[str, nn.Module], *, train: bool,
@@ -144,7 +188,7 @@ def write_population(layers: dict[str, nn.Module], col: StatsCollector, tool: st
     missed = [n for n in layers if n not in reached]
     if missed:
         warnings.warn(f"{tool}: {len(missed)} BN layer(s) received no input and keep their "
-                      f"running statistics: {', '.join(missed)}", stacklevel=3)
+                      f"running statistics: {', '.join(missed)}", stacklevel=4)
     for key, s in col.stats.items():
         if float(s.count) < 2:
             raise ValueError(f"{tool}: BN layer '{key}' saw {int(s.count)} value per channel; "
@@ -162,8 +206,11 @@ def write_population(layers: dict[str, nn.Module], col: StatsCollector, tool: st
 
 def recalibrate(model: nn.Module, data, *, num_batches: int | None = None,
                 forward: Callable | None = None, progress: bool = True,
-                inplace: bool = False) -> nn.Module:
+                inplace: bool = True) -> nn.Module:
     """Set every BN's running statistics to the population statistics of `data` (precise BN).
+
+    Updates `model` in place and returns it, as torch.optim.swa_utils.update_bn does; pass
+    inplace=False to get a recalibrated deep copy and leave `model` as it is.
 
     Runs the model in training mode without gradients (each BN normalizes with its batch
     statistics, as in training) and records each BN's input. Afterwards
@@ -171,7 +218,8 @@ def recalibrate(model: nn.Module, data, *, num_batches: int | None = None,
     N the total number of values per channel (see the module docstring for the pooling).
     Nothing else changes: parameters, every other buffer (num_batches_tracked included),
     training flags and momentum are as before. Frozen BN layers and layers without running
-    statistics are left alone; layers that receive no input keep their statistics (warning).
+    statistics are left alone (frozen ones named in a warning); layers that receive no input
+    keep their statistics (warning). A failed call leaves the model as it was.
 
     Args:
         model: any nn.Module containing BN layers (torch.nn or bnkit.nn).
@@ -179,19 +227,32 @@ def recalibrate(model: nn.Module, data, *, num_batches: int | None = None,
         num_batches: use only the first num_batches batches. Default None (all).
         forward: forward(model, batch) for other call conventions. Default None.
         progress: show a tqdm progress bar if tqdm is installed. Default True.
-        inplace: change `model` itself instead of a copy. Default False.
+        inplace: update `model` itself (True, default) or a deep copy of it (False).
 
-    Returns: the recalibrated model (a deep copy unless inplace=True).
+    Returns: the recalibrated model: `model` itself, or the copy when inplace=False.
+
+    Raises: ValueError, naming what the model holds, when it has no BN layer whose
+    statistics can be set (e.g. only frozen layers: unfreeze them with bnkit.unfreeze first).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
         >>> data = [torch.randn(16, 4) for _ in range(4)]
-        >>> net = recalibrate(net, data, progress=False)
+        >>> recalibrate(net, data, progress=False) is net
+        True
     """
     check_run_args("recalibrate", model, data, num_batches, forward)
     work = working_copy(model, "recalibrate", inplace)
-    layers = stat_layers(work)
-    col = collect(work, data, layers, train=True, num_batches=num_batches, forward=forward,
-                  progress=progress)
-    write_population(layers, col, "recalibrate")
-    return work
+    return set_population(work, data, tool="recalibrate", num_batches=num_batches,
+                          forward=forward, progress=progress)
+
+
+def set_population(model: nn.Module, data, *, tool: str, num_batches=None, forward=None,
+                   progress=True, layers: dict[str, nn.Module] | None = None) -> nn.Module:
+    """The recalibration itself, on `model` in place (arguments already checked), of
+    `layers` (default: `stat_layers(model, tool)`); `tool` names the caller in messages.
+    Returns `model`."""
+    layers = stat_layers(model, tool) if layers is None else layers
+    col = collect(model, data, layers, train=True, num_batches=num_batches, forward=forward,
+                  progress=progress, tool=tool)
+    write_population(layers, col, tool)
+    return model
