@@ -605,3 +605,18 @@ def test_kernels_alone_needs_no_data_set(isolated):
     assert runner.data_folder(cfg) is cfg  # nothing to locate, no error
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         runner.data_folder(config.resolve(["init"], "mini"))
+
+
+def test_compare_decides_by_two_standard_errors():
+    a, b = [0.90, 0.91, 0.92], [0.80, 0.81, 0.79]
+    se = statistics.stdev(a) ** 2 / 3 + statistics.stdev(b) ** 2 / 3
+    assert (statistics.mean(a) - statistics.mean(b)) > 2 * math.sqrt(se)
+    assert sections.compare(a, b) == "holds" and sections.compare(b, a) == "does not hold"
+    assert sections.compare(b, a, "a < b") == "holds"
+    assert sections.compare([0.9, 0.7, 0.85], b) == "inconclusive"  # within 2 SE
+    assert sections.compare([0.9], b) == "inconclusive"  # one seed decides nothing
+    assert sections.combine(["holds", "holds"]) == "holds"
+    assert sections.combine(["holds", "inconclusive"]) == "inconclusive"
+    assert sections.combine(["holds", "does not hold"]) == "mixed"
+    with pytest.raises(ValueError, match="claim must be"):
+        sections.compare(a, b, "a >= b")

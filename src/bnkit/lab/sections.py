@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-VERDICTS = ("holds", "does not hold", "mixed", "not run", "measured")
+VERDICTS = ("holds", "does not hold", "inconclusive", "mixed", "not run", "measured")
+SE_MULTIPLE = 2.0  # a difference decides a verdict when it exceeds 2 standard errors
 
 
 @dataclass
@@ -116,6 +117,45 @@ def verdict_of(flags: list[bool]) -> str:
     if all(flags):
         return "holds"
     return "does not hold" if not any(flags) else "mixed"
+
+
+def compare(a, b, claim: str = "a > b") -> str:
+    """Decide a claim about two groups of per-seed values from their seed-to-seed spread.
+
+    The difference of the means, d = mean(a) - mean(b), has the standard error
+    se = sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances). The claim "a > b" holds when
+    d > 2 se, does not hold when d < -2 se, and is inconclusive otherwise, or when either group
+    has fewer than 2 finite values ("a < b" is the mirror image).
+
+    Example:
+        >>> compare([0.90, 0.91, 0.92], [0.80, 0.81, 0.79])
+        'holds'
+        >>> compare([0.90, 0.70, 0.85], [0.80, 0.81, 0.79])
+        'inconclusive'
+    """
+    if claim not in ("a > b", "a < b"):
+        raise ValueError(f"claim must be 'a > b' or 'a < b', got {claim!r}")
+    sa, sb = spread(a), spread(b)
+    if sa is None or sb is None or sa.n < 2 or sb.n < 2:
+        return "inconclusive"
+    d = (sa.mean - sb.mean) * (1 if claim == "a > b" else -1)
+    se = math.sqrt(sa.std ** 2 / sa.n + sb.std ** 2 / sb.n)
+    if d > SE_MULTIPLE * se:
+        return "holds"
+    return "does not hold" if d < -SE_MULTIPLE * se else "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+    """One verdict from several decided checks: all 'holds' -> holds, all 'does not hold' ->
+    does not hold, any 'inconclusive' with no contradiction -> inconclusive, else mixed."""
+    kinds = set(verdicts)
+    if not kinds:
+        return "not run"
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds <= {"holds", "inconclusive"} or kinds <= {"does not hold", "inconclusive"}:
+        return "inconclusive"
+    return "mixed"
 
 
 def by(records: list[dict], *keys: str) -> dict[tuple, list[dict]]:
