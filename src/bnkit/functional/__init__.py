@@ -46,8 +46,8 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         checks.check_channel_vector(name, v, x, axis)
+    checks.check_scalars(momentum, eps, training)
     checks.check_running(running_mean, running_var, training)
-    checks.check_scalars(momentum, eps)
     if mask is not None:
         checks.check_mask(mask, x, axis)
     check_act(act)

@@ -3,8 +3,19 @@
     running = (1 - momentum) * running + momentum * batch      (momentum 0.1 = Keras's 0.9)
 running_var receives the unbiased batch variance var * n / (n - 1). Modules turn
 `momentum=None` into the cumulative average by passing momentum = 1 / num_batches_tracked.
+
+Unlike torch, a channel whose batch statistics are not finite (NaN or Inf in its input)
+keeps its running statistics, and a RuntimeWarning says so, once per running buffer
+(`warn_nonfinite`); one bad batch would otherwise poison them for good, silently. Every
+path applies this rule: here, and in the cpu backend's in-kernel blend
+(`kernels/cpu_ops._blend`, which the native node runs too). num_batches_tracked still
+advances, as torch counts every training call.
 """
 from __future__ import annotations
+
+import os
+import sys
+import warnings
 
 import torch
 
@@ -28,17 +39,76 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 
 def _blend(running_mean, running_var, mean, var, count, momentum):
     keep = 1 - momentum
+    ok = _finite_channels(mean, var)
     if running_mean is not None:
-        running_mean.copy_(_mix(running_mean, keep, mean, momentum))
+        running_mean.copy_(_keep_bad(_mix(running_mean, keep, mean, momentum), running_mean,
+                                     ok))
     if running_var is None:
-        return
+        return _warn_if_bad(running_mean, mean, var, ok)
     n = _host_count(count)
     if n is None:  # a traced or device count: stay in tensor ops (no sync, no graph break)
         nt = count.to(torch.float64)
         factor = momentum * (nt / (nt - 1))
     else:  # n / (n - 1) folded into the scalar factor
         factor = momentum * (n / (n - 1))
-    running_var.copy_(_mix(running_var, keep, var, factor))
+    running_var.copy_(_keep_bad(_mix(running_var, keep, var, factor), running_var, ok))
+    _warn_if_bad(running_mean if running_mean is not None else running_var, mean, var, ok)
+
+
+def _finite_channels(mean, var):
+    """None when every channel's statistics are finite (the common case: one check on the
+    (C,) sum, no per-channel mask), else the (C,) mask of finite channels. While tracing, or
+    off the CPU, the mask always (no host sync)."""
+    if mean is None:
+        mean = var
+    both = mean if var is None else mean + var  # non-finite if either is (inf-inf -> nan)
+    if torch.compiler.is_compiling() or not both.is_cpu:
+        return torch.isfinite(both)
+    if bool(torch.isfinite(both.sum())):
+        return None
+    return torch.isfinite(mean) & (torch.isfinite(var) if var is not None else True)
+
+
+def _keep_bad(new, running, ok):
+    """new, with the running value kept where the channel's statistics are not finite."""
+    return new if ok is None else torch.where(ok, new, running.to(new.dtype))
+
+
+def _warn_if_bad(running, mean, var, ok) -> None:
+    if ok is not None and not torch.compiler.is_compiling() and ok.is_cpu and \
+            not bool(ok.all()):
+        warn_nonfinite(running, mean, var)
+
+
+def warn_nonfinite(running, mean, var) -> None:
+    """RuntimeWarning, once per running buffer: the channels whose batch statistics (mean,
+    var: (C,)) are not finite kept their running statistics. `running` is the layer's
+    running_mean (a row of a larger buffer counts as that buffer)."""
+    owner = running if running._base is None else running._base
+    if getattr(owner, "_bnkit_nonfinite_warned", False):
+        return
+    bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    warnings.warn(f"batch statistics of channel(s) {shown} ({len(bad)} of {mean.numel()}) "
+                  "are not finite (NaN or Inf in the input); their running_mean/running_var "
+                  f"(shape {tuple(owner.shape)}) were left unchanged instead of being "
+                  "poisoned, and this batch's outputs for them are not finite. Find the "
+                  "source of the NaN/Inf (inputs, a diverging learning rate; "
+                  "torch.autograd.set_detect_anomaly helps) or mask it out. Warned once per "
+                  "layer.", RuntimeWarning, stacklevel=_user_stacklevel())
+    owner._bnkit_nonfinite_warned = True
+
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside bnkit (and torch.nn's call machinery)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PKG)
+                                 or "torch" + os.sep + "nn" + os.sep in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level + 1
 
 
 def _mix(running, keep, stat, weight):
