@@ -14,31 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import bnkit
 import bnkit.functional as BF
-from bnkit import kernels
 from bnkit.errors import BatchNormError
 from bnkit.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-PATHS = ["reference", "cpu-python", "cpu-native"]
 
-
-@pytest.fixture(autouse=True, params=PATHS)
-def path(request, monkeypatch):
-    """Every test on each path: the reference backend, the 'cpu' backend with the native
-    node off (the Python autograd.Function), and the native node."""
-    name = request.param
-    if name != "reference" and "cpu" not in bnkit.available_backends():
-        pytest.skip("the cpu backend needs numba")
-    before = bnkit.get_backend()
-    bnkit.set_backend("reference" if name == "reference" else "cpu")
-    if name == "cpu-python":
-        monkeypatch.setattr(kernels, "_native", None)
-    elif name == "cpu-native" and kernels.native_module() is None:
-        bnkit.set_backend(before)
-        pytest.skip("native op unavailable")
-    yield name
-    bnkit.set_backend(before)
+@pytest.fixture(autouse=True)
+def path(bn_path):
+    """Every test on each path (conftest.bn_path): reference, cpu-python, cpu-native."""
+    return bn_path
 
 
 def torch_raises(call):
