@@ -44,8 +44,8 @@ class RecurrentBatchNorm(NormBase):
                  track_running_stats: bool = True, *, axis: int = 1, bias: bool = True,
                  weight_init: float = 0.1, device=None, dtype=None) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be an int >= 1, the time steps with their own "
-                             f"statistics (got {max_steps!r}); use the training sequence length")
+            raise BNValueError(f"max_steps must be an int >= 1, the time steps with their own "
+                               f"statistics (got {max_steps!r}); use the training sequence length")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
                          bias=bias, device=device, dtype=dtype)
         self.max_steps, self.weight_init = max_steps, weight_init
