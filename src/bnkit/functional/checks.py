@@ -115,7 +115,8 @@ def check_enough_values(count: int, x, training: bool, masked: bool) -> None:
 
 
 def check_running(running_mean, running_var, training: bool) -> None:
-    """Given together; present in eval; and, when training updates them, writable in place."""
+    """Given together, present in eval, not requiring grad. Whether the update can write
+    them in place is checked before the update runs (`check_writable`)."""
     if (running_mean is None) != (running_var is None):
         raise BNValueError("running_mean and running_var must be given together (got only "
                            f"{'running_mean' if running_var is None else 'running_var'}); "
@@ -126,18 +127,29 @@ def check_running(running_mean, running_var, training: bool) -> None:
                                "running_mean/running_var are None; pass them, or use "
                                "training=True to normalize with batch statistics")
         return
+    if not (running_mean.requires_grad or running_var.requires_grad):
+        return
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         if v.requires_grad:
             raise BNStateError(f"{name} must not require grad (got requires_grad=True): the "
                                "running statistics are state, not parameters; register them "
                                "with register_buffer, or call "
                                f"{name}.requires_grad_(False)")
-        if training:
-            _check_writable(name, v)
 
 
-def _check_writable(name, v) -> None:
-    """The update writes v in place: not an expanded view, not an inference tensor."""
+def check_writable(running_mean, running_var) -> None:
+    """Both buffers can be updated in place (`check_writable_one`); run before the first
+    write of a call, so a failure leaves both as they were."""
+    if running_mean.is_contiguous() and running_var.is_contiguous() and not (
+            running_mean.is_inference() or running_var.is_inference()):
+        return  # the common case in four attribute reads; the rest explains a failure
+    check_writable_one("running_mean", running_mean)
+    check_writable_one("running_var", running_var)
+
+
+def check_writable_one(name, v) -> None:
+    """The running-stat update writes v in place: not an expanded view, not an inference
+    tensor outside inference_mode. Run before the first write of a call."""
     if not v.is_contiguous() and any(s == 0 and n > 1 for s, n in zip(v.stride(), v.shape)):
         raise BNStateError(f"{name} cannot be updated in place: it is an expanded view "
                            f"(shape {tuple(v.shape)}, stride {v.stride()}) whose elements "

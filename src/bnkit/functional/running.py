@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from .checks import check_writable_one
+
 
 def update_running(running_mean, running_var, mean, var, count, momentum):
     """Blend batch statistics (mean, biased var, count) into the running buffers in place.
@@ -38,6 +40,10 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 
 
 def _blend(running_mean, running_var, mean, var, count, momentum):
+    if not torch.compiler.is_compiling():  # before the first write: a failure leaves both
+        for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+            if v is not None:
+                check_writable_one(name, v)
     keep = 1 - momentum
     ok = _finite_channels(mean, var)
     if running_mean is not None:
