@@ -73,12 +73,19 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         eps: added to the variance. Default 1e-5.
         axis: the channel dimension; negative values count from the end.
         mask: optional boolean tensor over the non-channel dims (e.g. (N, L) for (N, C, L)),
-            True where a value is real. Statistics use only valid positions; padded positions
-            are normalized with the same statistics.
+            True where a value is real. Statistics use only valid positions, whatever the
+            padding holds (NaN and Inf too); padded positions are normalized with the same
+            statistics.
         act: activation fused into the output ('identity', 'relu', 'silu', 'gelu'); its
             derivative is fused into the backward. Used by BatchNormAct.
 
     Shape: input (*), output the same shape and dtype.
+
+    Unlike torch: eps=0 is allowed (a zero-variance channel then gives exactly the bias); a
+    channel whose batch statistics are not finite keeps its running statistics (a
+    RuntimeWarning says so, once per buffer); momentum is checked in eval too. Errors are
+    `bnkit.errors` classes, each also the built-in type torch raises for the same mistake
+    (docs/errors.md); a failed call changes nothing.
 
     Example:
         >>> x = torch.randn(8, 3, 5)

@@ -30,7 +30,9 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     rounded once into the buffer's dtype: the arithmetic of the cpu
     backend's in-kernel blend (`kernels/cpu_ops._blend`), so eager runs on either backend
     and compiled graphs agree bit for bit. Tensors that carry autograd history are blended
-    under no_grad (a context costs ~10 us, so it is entered only then).
+    under no_grad (a context costs ~10 us, so it is entered only then). Channels whose batch
+    statistics are not finite keep their running statistics (`warn_nonfinite`); buffers the
+    update cannot write in place raise before the first write (`checks.check_writable_one`).
     """
     tracked = (t is not None and t.requires_grad for t in (mean, var, running_mean, running_var))
     if torch.is_grad_enabled() and any(tracked):

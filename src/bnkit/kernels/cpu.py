@@ -229,8 +229,10 @@ def fused_forward(x, weight, bias, running_mean, running_var, mask, training, ep
     """The forward op in one kernel call -> (y, mean, var, count), the core's results
     (float64 two-pass corrected statistics, `affine_coeffs`' coefficients). With a
     `momentum` (training, running buffers given) the running buffers are blended too, as
-    `update_running` would. None when the input needs the primitives (a mask, silu/gelu, a
-    layout the kernels do not take, running buffers that cannot be blended in place)."""
+    `update_running` would, channels with non-finite batch statistics left as they were
+    (with `warn_nonfinite`'s warning). None when the input needs the primitives (a mask,
+    silu/gelu, a layout the kernels do not take, running buffers that cannot be blended in
+    place)."""
     lay = _fast(x, axis)
     if lay is None or mask is not None or act not in _FAST_ACTS:
         return None
