@@ -209,6 +209,7 @@ def test_nonfinite_functional_and_half(bn_path):
         x = torch.randn(8, 3, 5).to(dtype)
         x[2, 0, 1] = float("nan")
         rm, rv = torch.zeros(3), torch.ones(3)
-        with pytest.warns(RuntimeWarning, match=r"channel\(s\) 0 "):
+        with pytest.warns(RuntimeWarning, match=r"channel\(s\) 0 ") as record:
             BF.batch_norm(x, rm, rv, None, None, True, 0.5)
+        assert record[0].filename == __file__  # points at the caller's line
         assert rm[0] == 0 and rv[0] == 1 and rm[1] != 0 and rv[2] != 1

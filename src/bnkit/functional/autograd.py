@@ -239,6 +239,8 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     call without raising (an argument of a type its schema refuses is caught here), so the
     caller's full path validates it and explains the error. Only for callers that need y
     alone (the statistics stay inside the node)."""
+    if type(momentum) is int:  # e.g. a layer's momentum=1
+        momentum = float(momentum)
     if (act not in _NATIVE_ACTS or type(eps) is not float or type(momentum) is not float
             or type(axis) is not int or type(training) is not bool
             or not isinstance(x, torch.Tensor)):

@@ -108,15 +108,17 @@ def warn_nonfinite(running, mean, var) -> None:
 
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.sep + "torch" + os.sep
 
 
 def _user_stacklevel() -> int:
-    """The stacklevel of the first frame outside bnkit (and torch.nn's call machinery)."""
+    """The stacklevel of the first frame outside bnkit and torch (its module-call and
+    autograd.Function machinery), so the warning points at the user's line."""
     frame, level = sys._getframe(1), 1
     while frame is not None and (frame.f_code.co_filename.startswith(_PKG)
-                                 or "torch" + os.sep + "nn" + os.sep in frame.f_code.co_filename):
+                                 or _TORCH in frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
-    return level + 1
+    return level
 
 
 def _mix(running, keep, stat, weight):
