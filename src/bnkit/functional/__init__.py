@@ -114,8 +114,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
     update = training and running_mean is not None
-    if update:  # the update writes them in place: refuse what it cannot write, first
-        checks.check_writable(running_mean, running_var)
+    if update and not torch.compiler.is_compiling():  # the update writes them in place:
+        checks.check_writable(running_mean, running_var)  # refuse what it cannot, first
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)
