@@ -67,14 +67,12 @@ def _finite_channels(mean, var):
     """None when every channel's statistics are finite (the common case: one check on the
     (C,) sum, no per-channel mask), else the (C,) mask of finite channels. While tracing, or
     off the CPU, the mask always (no host sync)."""
-    if mean is None:
-        mean = var
-    both = mean if var is None else mean + var  # non-finite if either is (inf-inf -> nan)
+    both = mean + var  # non-finite where either is (inf - inf is nan)
     if torch.compiler.is_compiling() or not both.is_cpu:
         return torch.isfinite(both)
     if bool(torch.isfinite(both.sum())):
         return None
-    return torch.isfinite(mean) & (torch.isfinite(var) if var is not None else True)
+    return torch.isfinite(mean) & torch.isfinite(var)
 
 
 def _keep_bad(new, running, ok):
