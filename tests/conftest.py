@@ -40,3 +40,27 @@ def python_ops(monkeypatch):
     native C++ node (as when the native op is off or cannot be built)."""
     from bnkit import kernels
     monkeypatch.setattr(kernels, "_native", None)
+
+
+BN_PATHS = ["reference", "cpu-python", "cpu-native"]
+
+
+@pytest.fixture(params=BN_PATHS)
+def bn_path(request, monkeypatch):
+    """The test on each path a core call can take: the 'reference' backend, the 'cpu'
+    backend's Python path (native node off, as with BNKIT_NATIVE=0) and the native C++
+    node; skipped where the path is unavailable. The backend selection is restored after."""
+    import bnkit
+    from bnkit import kernels
+    name = request.param
+    if name != "reference" and "cpu" not in bnkit.available_backends():
+        pytest.skip("the cpu backend needs numba")
+    before = bnkit.get_backend()
+    bnkit.set_backend("reference" if name == "reference" else "cpu")
+    if name == "cpu-python":
+        monkeypatch.setattr(kernels, "_native", None)
+    elif name == "cpu-native" and kernels.native_module() is None:
+        bnkit.set_backend(before)
+        pytest.skip("native op unavailable")
+    yield name
+    bnkit.set_backend(before)

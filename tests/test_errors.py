@@ -1,14 +1,40 @@
 """Every documented user error: its type, a message naming the value and the fix, and no
-state change (parameters, running statistics and num_batches_tracked stay bit-identical)."""
+state change (parameters, running statistics and num_batches_tracked stay bit-identical),
+on every path: the reference backend, the 'cpu' backend's Python path and the native node.
+
+Each error is a `bnkit.errors.BatchNormError` and also an instance of the exception torch
+raises for the same mistake (found by running torch's layer or F.batch_norm on the same
+input), so `except RuntimeError` written against torch keeps working after a swap.
+"""
 from __future__ import annotations
 
 import re
 
 import pytest
 import torch
+import torch.nn.functional as TF
 
 import bnkit.functional as BF
+from bnkit.errors import BatchNormError
 from bnkit.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+
+@pytest.fixture(autouse=True)
+def path(bn_path):
+    """Every test on each path (conftest.bn_path): reference, cpu-python, cpu-native."""
+    return bn_path
+
+
+def torch_raises(call):
+    """The exception type torch raises for the same mistake, or None when torch accepts the
+    call or fails only by accident (an AttributeError from duck typing a non-tensor)."""
+    try:
+        call()
+    except AttributeError:
+        return None
+    except Exception as err:  # noqa: BLE001 - any type torch picks is the one to match
+        return type(err)
+    return None
 
 
 def trained(layer, x):
@@ -24,11 +50,17 @@ def state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def expect_error(exc, module, call, *fragments):
-    """`call()` raises `exc` with every fragment in its message; `module` is unchanged."""
+def expect_error(exc, module, call, *fragments, torch_call=None):
+    """`call()` raises `exc`, a BatchNormError, with every fragment in its message; `module`
+    is unchanged. With `torch_call` (torch on the same input), the error is also an instance
+    of what torch raises there, if torch raises."""
     before = state(module)
     with pytest.raises(exc) as info:
         call()
+    assert isinstance(info.value, BatchNormError)
+    want = torch_raises(torch_call) if torch_call is not None else None
+    if want is not None:
+        assert isinstance(info.value, want), (type(info.value).__mro__, want)
     msg = str(info.value)
     for frag in fragments:
         assert frag in msg, f"{frag!r} not in {msg!r}"
@@ -54,15 +86,18 @@ def bn1d():
 @pytest.mark.parametrize("training", [True, False])
 def test_wrong_channel_count(bn2d, training):
     bn2d.train(training)
-    expect_error(ValueError, bn2d, lambda: bn2d(torch.randn(2, 4, 3, 3)),
-                 "running_mean", "expected shape (4,)", "(2, 4, 3, 3)", "got (3,)",
-                 "make num_features match")
+    x = torch.randn(2, 4, 3, 3)
+    expect_error(ValueError, bn2d, lambda: bn2d(x), "running_mean", "expected shape (4,)",
+                 "(2, 4, 3, 3)", "got (3,)", "make num_features match",
+                 torch_call=lambda: torch.nn.BatchNorm2d(3).train(training)(x))
 
 
 def test_wrong_channel_count_weight_without_running_stats():
     bn = trained(BatchNorm1d(3, track_running_stats=False), torch.randn(5, 3))
-    expect_error(ValueError, bn, lambda: bn(torch.randn(5, 2)), "weight", "expected shape (2,)",
-                 "got (3,)", "num_features")
+    x = torch.randn(5, 2)
+    expect_error(ValueError, bn, lambda: bn(x), "weight", "expected shape (2,)",
+                 "got (3,)", "num_features",
+                 torch_call=lambda: torch.nn.BatchNorm1d(3, track_running_stats=False)(x))
 
 
 @pytest.mark.parametrize("cls,shape,want", [
@@ -74,14 +109,18 @@ def test_wrong_rank(cls, shape, want):
     bn = trained(cls(3), torch.randn((4, 3) + (2,) * {BatchNorm1d: 1, BatchNorm2d: 2,
                                                     BatchNorm3d: 3}[cls]))
     got = f"got {len(shape)}D input of shape {shape}"
-    expect_error(ValueError, bn, lambda: bn(torch.randn(shape)), f"expected {want} input", got,
-                 "use the BatchNorm class matching your input's rank")
+    x = torch.randn(shape)
+    torch_cls = getattr(torch.nn, cls.__name__)
+    expect_error(ValueError, bn, lambda: bn(x), f"expected {want} input", got,
+                 "use the BatchNorm class matching your input's rank",
+                 torch_call=lambda: torch_cls(3)(x))
 
 
 def test_any_rank_layer_needs_two_dims():
     bn = trained(BatchNorm(3, axis=-1), torch.randn(4, 3))
-    expect_error(ValueError, bn, lambda: bn(torch.randn(3)), "at least 2D", "got 1D",
-                 "batch and a channel dimension")
+    x = torch.randn(3)
+    expect_error(ValueError, bn, lambda: bn(x), "at least 2D", "got 1D",
+                 "batch and a channel dimension", torch_call=lambda: torch.nn.BatchNorm1d(3)(x))
 
 
 @pytest.mark.parametrize("axis", [3, -4, 7])
@@ -96,25 +135,54 @@ def test_bad_axis(axis):
 
 # ------------------------------------------------------------------ constructor arguments
 
+def expect_constructor_error(exc, make, torch_make, *fragments):
+    """`make()` raises `exc` (a BatchNormError) naming every fragment, and is an instance of
+    what torch raises building (and calling, where torch checks only then) its layer."""
+    with pytest.raises(exc) as info:
+        make()
+    assert isinstance(info.value, BatchNormError)
+    want = torch_raises(torch_make)
+    if want is not None:
+        assert isinstance(info.value, want), (type(info.value).__mro__, want)
+    for frag in fragments:
+        assert frag in str(info.value), (frag, str(info.value))
+
+
 @pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm])
-@pytest.mark.parametrize("num_features", [0, -2, 3.0, True, "3"])
-def test_num_features_must_be_a_positive_int(cls, num_features):
-    with pytest.raises(ValueError) as info:
-        cls(num_features)
-    assert f"got {num_features!r}" in str(info.value)
-    assert "positive int" in str(info.value) and "channel dimension" in str(info.value)
+@pytest.mark.parametrize("num_features,exc", [(0, ValueError), (-2, ValueError),
+                                              (3.0, TypeError), (True, TypeError),
+                                              ("3", TypeError)])
+def test_num_features_must_be_a_positive_int(cls, num_features, exc):
+    torch_cls = getattr(torch.nn, cls.__name__, torch.nn.BatchNorm1d)
+    expect_constructor_error(exc, lambda: cls(num_features), lambda: torch_cls(num_features),
+                             f"got {num_features!r}", "positive int", "channel dimension")
 
 
 @pytest.mark.parametrize("eps", [-1e-5, -1.0, float("nan")])
 def test_eps_must_be_non_negative(eps):
-    with pytest.raises(ValueError, match=re.escape(f"got {eps}") + ".*usual value is 1e-5"):
-        BatchNorm2d(3, eps=eps)
+    x = torch.randn(2, 3, 2, 2)
+    expect_constructor_error(ValueError, lambda: BatchNorm2d(3, eps=eps),
+                             lambda: torch.nn.BatchNorm2d(3, eps=eps)(x), f"got {eps}",
+                             "usual value is 1e-5")
+
+
+@pytest.mark.parametrize("name,value", [("eps", "a"), ("eps", None), ("momentum", "0.1"),
+                                        ("eps", [1e-5])])
+def test_constructor_scalars_must_be_real_numbers(name, value):
+    """A TypeError naming the argument, where torch fails only at the first call with
+    "'>=' not supported" or an op schema error."""
+    x = torch.randn(2, 3, 2, 2)
+    expect_constructor_error(TypeError, lambda: BatchNorm2d(3, **{name: value}),
+                             lambda: torch.nn.BatchNorm2d(3, **{name: value})(x),
+                             f"{name} must be a real number", f"got {value!r}")
 
 
 @pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan")])
 def test_momentum_must_lie_in_unit_interval(momentum):
-    with pytest.raises(ValueError, match=re.escape(f"got {momentum}") + ".*m_torch = 1 - m_keras"):
-        BatchNorm1d(3, momentum=momentum)
+    expect_constructor_error(ValueError, lambda: BatchNorm1d(3, momentum=momentum),
+                             lambda: torch.nn.BatchNorm1d(3, momentum=momentum)(
+                                 torch.randn(4, 3)),
+                             f"got {momentum}", "m_torch = 1 - m_keras")
 
 
 def test_momentum_changed_after_construction_is_checked_before_any_update(bn1d):
@@ -130,9 +198,12 @@ def test_momentum_changed_after_construction_is_checked_before_any_update(bn1d):
                                         (lambda: BatchNorm(3, axis=-1), (1, 1, 3))])
 def test_one_value_per_channel_in_training(make, shape):
     bn = trained(make(), torch.randn((4,) + shape[1:]))
-    expect_error(ValueError, bn, lambda: bn(torch.randn(shape)),
+    x1 = torch.randn(shape)
+    expect_error(ValueError, bn, lambda: bn(x1),
                  "more than 1 value per channel when training", "got 1 values per channel",
-                 f"input shape {shape}", "batch of at least 2", "model.eval()")
+                 f"input shape {shape}", "batch of at least 2", "model.eval()",
+                 torch_call=lambda: TF.batch_norm(x1.movedim(bn.axis, 1), torch.zeros(3),
+                                                  torch.ones(3), training=True))
     bn.eval()  # the fix the message gives works
     x = torch.randn(shape)
     rm, rv = bn.running_mean, bn.running_var
@@ -155,7 +226,8 @@ def test_mask_with_one_valid_value(bn1d):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
 def test_non_floating_input(bn2d, dtype):
     x = torch.ones(2, 3, 2, 2, dtype=dtype)
-    expect_error(TypeError, bn2d, lambda: bn2d(x), f"got dtype {dtype}", "x.float()")
+    expect_error(TypeError, bn2d, lambda: bn2d(x), f"got dtype {dtype}", "x.float()",
+                 torch_call=lambda: torch.nn.BatchNorm2d(3)(x))
 
 
 @pytest.mark.parametrize("value,name", [([[1.0, 2.0, 3.0]] * 2, "list"), (3.0, "float")])
@@ -169,26 +241,28 @@ def test_non_floating_running_buffer():
     x = torch.randn(4, 3)
     rm, rv = torch.zeros(3, dtype=torch.long), torch.ones(3)
     with pytest.raises(TypeError, match=r"running_mean must be floating point \(got dtype "
-                                        r"torch.int64\); use .float\(\)"):
+                                        r"torch.int64\); use .float\(\)") as info:
         BF.batch_norm(x, rm, rv, training=True)
+    assert isinstance(info.value, torch_raises(lambda: TF.batch_norm(x, rm, rv, training=True)))
     assert torch.equal(rm, torch.zeros(3, dtype=torch.long)) and torch.equal(rv, torch.ones(3))
 
 
 def test_mismatched_devices(bn2d):
     x = torch.randn(2, 3, 2, 2, device="meta")
     expect_error(ValueError, bn2d, lambda: bn2d(x), "running_mean is on cpu",
-                 "input is on meta", ".to('meta')")
+                 "input is on meta", ".to('meta')", torch_call=lambda: torch.nn.BatchNorm2d(3)(x))
     bn = trained(BatchNorm2d(3, track_running_stats=False), torch.randn(4, 3, 2, 2))
-    expect_error(ValueError, bn, lambda: bn(x), "weight is on cpu", "input is on meta")
+    expect_error(ValueError, bn, lambda: bn(x), "weight is on cpu", "input is on meta",
+                 torch_call=lambda: torch.nn.BatchNorm2d(3, track_running_stats=False)(x))
 
 
 def test_running_mean_on_another_device():
     bn = trained(BatchNorm1d(3), torch.randn(5, 3))
     rv = bn.running_var
-    expect_error(ValueError, bn,
-                 lambda: BF.batch_norm(torch.randn(4, 3), torch.zeros(3, device="meta"), rv,
-                                       bn.weight, bn.bias, True),
-                 "running_mean is on meta but the input is on cpu", ".to('cpu')")
+    x, rm = torch.randn(4, 3), torch.zeros(3, device="meta")
+    expect_error(ValueError, bn, lambda: BF.batch_norm(x, rm, rv, bn.weight, bn.bias, True),
+                 "running_mean is on meta but the input is on cpu", ".to('cpu')",
+                 torch_call=lambda: TF.batch_norm(x, rm, rv.clone(), bn.weight, bn.bias, True))
 
 
 # ------------------------------------------------------------------ masks
@@ -215,16 +289,19 @@ def test_mask_on_another_device(bn1d):
 # ------------------------------------------------------------------ functional-only rules
 
 def test_eval_without_running_stats(bn1d):
+    x = torch.randn(4, 3)
     expect_error(ValueError, bn1d,
-                 lambda: BF.batch_norm(torch.randn(4, 3), None, None, bn1d.weight, bn1d.bias,
-                                       False),
-                 "running_mean/running_var are None", "use training=True")
+                 lambda: BF.batch_norm(x, None, None, bn1d.weight, bn1d.bias, False),
+                 "running_mean/running_var are None", "use training=True",
+                 torch_call=lambda: TF.batch_norm(x, None, None, training=False))
 
 
 def test_running_mean_and_var_come_together(bn1d):
+    x = torch.randn(4, 3)
     expect_error(ValueError, bn1d,
-                 lambda: BF.batch_norm(torch.randn(4, 3), bn1d.running_mean, None, training=True),
-                 "got only running_mean", "pass both or neither")
+                 lambda: BF.batch_norm(x, bn1d.running_mean, None, training=True),
+                 "got only running_mean", "pass both or neither",
+                 torch_call=lambda: TF.batch_norm(x, torch.zeros(3), None, training=True))
 
 
 def test_unknown_activation(bn1d):
@@ -241,7 +318,10 @@ def test_unknown_activation(bn1d):
 ])
 def test_functional_scalar_ranges(bn1d, kw, frags):
     args = (bn1d.running_mean, bn1d.running_var, bn1d.weight, bn1d.bias, True)
-    expect_error(ValueError, bn1d, lambda: BF.batch_norm(torch.randn(4, 3), *args, **kw), *frags)
+    x = torch.randn(4, 3)
+    expect_error(ValueError, bn1d, lambda: BF.batch_norm(x, *args, **kw), *frags,
+                 torch_call=lambda: TF.batch_norm(x, torch.zeros(3), torch.ones(3),
+                                                  training=True, **kw))
 
 
 @pytest.mark.parametrize("kw,frags", [
@@ -251,4 +331,109 @@ def test_functional_scalar_ranges(bn1d, kw, frags):
 ])
 def test_functional_scalar_types(bn1d, kw, frags):
     args = (bn1d.running_mean, bn1d.running_var, bn1d.weight, bn1d.bias, True)
-    expect_error(TypeError, bn1d, lambda: BF.batch_norm(torch.randn(4, 3), *args, **kw), *frags)
+    x = torch.randn(4, 3)
+    expect_error(TypeError, bn1d, lambda: BF.batch_norm(x, *args, **kw), *frags,
+                 torch_call=lambda: TF.batch_norm(x, torch.zeros(3), torch.ones(3),
+                                                  training=True, **kw))
+
+
+# ------------------------------------------------------------------ argument types
+
+def _vec3():
+    return [1.0, 1.0, 1.0]
+
+
+# name -> (bnkit call args for x (4, 3, 5), fragments, the torch call or None)
+WRONG_TYPES = {
+    "weight": (lambda x, rm, rv: BF.batch_norm(x, rm, rv, _vec3(), None, True),
+               ("weight must be a torch.Tensor of shape (3,) or None", "got list"),
+               lambda x, rm, rv: TF.batch_norm(x, rm, rv, _vec3(), None, True)),
+    "bias": (lambda x, rm, rv: BF.batch_norm(x, rm, rv, None, _vec3(), True),
+             ("bias must be a torch.Tensor", "got list"),
+             lambda x, rm, rv: TF.batch_norm(x, rm, rv, None, _vec3(), True)),
+    "running_var": (lambda x, rm, rv: BF.batch_norm(x, rm, _vec3(), None, None, True),
+                    ("running_var must be a torch.Tensor", "got list"),
+                    lambda x, rm, rv: TF.batch_norm(x, rm, _vec3(), None, None, True)),
+    "mask": (lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, mask=[[True] * 5] * 4),
+             ("mask must be a boolean torch.Tensor or None", "got list"), None),
+    "axis": (lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, axis=1.0),
+             ("axis must be an int", "got 1.0"), None),
+    "training": (lambda x, rm, rv: BF.batch_norm(x, rm, rv, None, None, "yes"),
+                 ("training must be a bool", "got 'yes'"),
+                 lambda x, rm, rv: TF.batch_norm(x, rm, rv, None, None, "yes")),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_TYPES))
+def test_argument_of_the_wrong_type_is_a_type_error_naming_it(bn1d, name):
+    """The same TypeError on every path (was: AttributeError on reference, an op-schema
+    RuntimeError on cpu, or accepted by the native node)."""
+    call, frags, torch_call = WRONG_TYPES[name]
+    x = torch.randn(4, 3, 5)
+    rm, rv = bn1d.running_mean, bn1d.running_var
+    expect_error(TypeError, bn1d, lambda: call(x, rm, rv), *frags,
+                 torch_call=None if torch_call is None else
+                 lambda: torch_call(x, torch.zeros(3), torch.ones(3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("momentum,exc,frag", [(-1.2, ValueError, "momentum must lie in [0, 1]"),
+                                               (None, TypeError, "momentum must be a real")])
+def test_momentum_is_checked_in_eval_too_on_every_dtype(dtype, training, momentum, exc, frag):
+    """One answer for every dtype and path: a bad momentum is an error in eval as well
+    (torch ignores its value in eval; the native node used to accept it for float32/64)."""
+    x = torch.randn(8, 3, dtype=dtype)
+    pdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    rm, rv = torch.full((3,), 0.5, dtype=pdt), torch.full((3,), 2.0, dtype=pdt)
+    with pytest.raises(exc, match=re.escape(frag)) as info:
+        BF.batch_norm(x, rm, rv, None, None, training, momentum)
+    assert isinstance(info.value, BatchNormError)
+    assert torch.equal(rm, torch.full((3,), 0.5, dtype=pdt))
+    assert torch.equal(rv, torch.full((3,), 2.0, dtype=pdt))
+
+
+# ------------------------------------------------------------------ buffers the update cannot write
+
+def test_expanded_running_var_fails_before_any_write():
+    x = torch.randn(4, 3)
+    rm, rv = torch.full((3,), 0.25), torch.ones(1).expand(3)
+    with pytest.raises(RuntimeError, match="running_var cannot be updated in place.*expanded"
+                                           ".*clone()") as info:
+        BF.batch_norm(x, rm, rv, None, None, True)
+    assert isinstance(info.value, BatchNormError) and isinstance(info.value, ValueError)
+    assert torch.equal(rm, torch.full((3,), 0.25)) and torch.equal(rv, torch.ones(3))
+    y = BF.batch_norm(x, rm, rv, None, None, False)  # reading it in eval is fine
+    torch.testing.assert_close(y, (x - 0.25) / torch.sqrt(torch.tensor(1 + 1e-5)))
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_inference_mode_buffers_fail_before_any_write(layer):
+    """Buffers made under torch.inference_mode cannot be updated outside it: every path
+    raises before touching them (was: reference wrote both then raised, cpu wrote)."""
+    with torch.inference_mode():
+        bn = BatchNorm1d(3)
+        bn.running_mean.fill_(0.25)
+    x = torch.randn(6, 3)
+    call = (lambda: bn(x)) if layer else (
+        lambda: BF.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True))
+    with pytest.raises(RuntimeError, match="created under torch.inference_mode") as info:
+        call()
+    assert isinstance(info.value, BatchNormError)
+    assert torch.equal(bn.running_mean, torch.full((3,), 0.25))
+    assert torch.equal(bn.running_var, torch.ones(3)) and int(bn.num_batches_tracked) == 0
+    with torch.inference_mode():  # inside inference_mode the update is allowed
+        bn(x)
+    assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_running_buffers_that_require_grad_are_refused(bn1d, training):
+    bn1d.train(training)
+    bn1d.running_var.requires_grad_(True)
+    x = torch.randn(4, 3)
+    expect_error(RuntimeError, bn1d, lambda: bn1d(x), "running_var must not require grad",
+                 "requires_grad_(False)",
+                 torch_call=lambda: TF.batch_norm(x, torch.zeros(3), torch.ones(
+                     3, requires_grad=True), training=training))

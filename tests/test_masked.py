@@ -142,6 +142,51 @@ def test_ghost(axis):
     torch.testing.assert_close(m.running_var, 0.8 + 0.2 * xv.var(0), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("pad", [float("nan"), float("inf"), -float("inf"), 1e300],
+                         ids=["nan", "inf", "-inf", "1e300"])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("act", ["identity", "relu", "silu"])
+def test_padding_value_never_leaks(bn_path, pad, axis, act):
+    """NaN or Inf at padded positions changes nothing valid: running statistics, valid
+    outputs, and the gradients of weight, bias and the valid inputs equal torch's BN on the
+    valid positions (they were all NaN before: the padding was multiplied by the mask).
+    The padded positions' own outputs are whatever their value gives (NaN in, NaN out)."""
+    m = set_affine(BatchNormAct(C, act=act, momentum=0.2, axis=axis, dtype=D))
+    fn_act = {"identity": lambda z: z, "relu": torch.relu,
+              "silu": torch.nn.functional.silu}[act]
+    (rm, rv), fn, w, b = bn_oracle(m, act=fn_act)
+    x, mask = data(axis)
+    xm = x.movedim(axis, -1).clone()
+    xm[~mask] = pad
+    x = xm.movedim(-1, axis).contiguous()
+    g = torch.randn(int(mask.sum()), C, dtype=D)
+    y, dx, dw, db = run_masked(m, x, mask, axis, g)
+    yv, dxv, dwv, dbv = run_oracle(fn, valid(x, mask, axis), w, b, g)
+    close = {"rtol": 1e-9, "atol": 1e-9}
+    torch.testing.assert_close(valid(y, mask, axis), yv, **close)
+    torch.testing.assert_close(valid(dx, mask, axis), dxv, **close)
+    assert torch.equal(dx.movedim(axis, -1)[~mask], torch.zeros(int((~mask).sum()), C,
+                                                                dtype=D))
+    torch.testing.assert_close(dw, dwv, **close)
+    torch.testing.assert_close(db, dbv, **close)
+    torch.testing.assert_close(m.running_mean, rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.running_var, rv, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_with_a_gradient_still_gets_its_exact_share():
+    """Padded outputs are normalized with the batch statistics, so a loss on them reaches
+    weight, bias and the valid inputs: the where-selection keeps those terms exact (float64
+    gradcheck with a loss on every output, finite padding)."""
+    x, mask = data(1)
+    x = x.masked_fill(~mask[:, None, :], 0.7)[:3, :, :4].clone().requires_grad_(True)
+    mask = mask[:3, :4]
+    w = torch.tensor([0.5, 1.5, 2.0], dtype=D, requires_grad=True)
+    b = torch.tensor([0.1, -0.3, 1.0], dtype=D, requires_grad=True)
+    from bnkit.functional import batch_norm
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm(x, None, None, w, b, True, mask=mask), (x, w, b))
+
+
 @pytest.mark.parametrize("make", [lambda: BatchNorm(C), lambda: BatchRenorm(C),
                                   lambda: BatchNormAct(C), lambda: GhostBatchNorm(C, 3)],
                          ids=["batchnorm", "renorm", "act", "ghost"])

@@ -26,14 +26,14 @@ def _needs_native():
 
 
 def spy(monkeypatch):
-    """Count the calls the native op took (it returns None for those it declines)."""
+    """Count the calls the native op took (it returns (None, None) for those it declines)."""
     calls, real = [], native.call
 
     def counted(*a):
-        y = real(*a)
-        if y is not None:
+        out = real(*a)
+        if out[0] is not None:
             calls.append(1)
-        return y
+        return out
     monkeypatch.setattr(native, "call", counted)
     return calls
 
@@ -244,7 +244,10 @@ BAD = {"weight size": {"w": torch.ones(5)},
        "one value": {"x": torch.randn(1, 4)},
        "eps": {"eps": -1.0},
        "momentum": {"momentum": 1.5},
-       "counter dtype": {"n": torch.tensor(0.0)}}
+       "counter dtype": {"n": torch.tensor(0.0)},
+       "running_var requires grad": {"rv": torch.ones(4, requires_grad=True)},
+       "eval, momentum out of range": {"training": False, "momentum": -1.2},
+       "expanded running_var": {"rv": torch.ones(1).expand(4)}}
 
 
 @pytest.mark.parametrize("bad", list(BAD))
@@ -258,8 +261,28 @@ def test_the_op_declines_bad_calls_untouched(bad):
     plan = native.plan(a["x"], 1, a["training"])
     out = native.call(a["x"], a["w"], a["b"], a["rm"], a["rv"], a["n"], a["training"], a["eps"],
                       a["momentum"], update, False, plan)
-    assert out is None
+    assert out == (None, None)
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and int(n) == 0
+
+
+def test_nonfinite_statistics_come_back_from_the_node(monkeypatch):
+    """The node's blend leaves a channel with non-finite batch statistics as it was and
+    returns the statistics, so Python warns (bnkit.functional.running)."""
+    calls = spy(monkeypatch)
+    m = bnkit.nn.BatchNorm1d(4)
+    x = torch.randn(8, 4)
+    x[3, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) 2 \(1 of 4\)"):
+        m(x)
+    assert calls == [1]
+    assert m.running_mean[2] == 0 and m.running_var[2] == 1 and int(m.num_batches_tracked) == 1
+    torch.testing.assert_close(m.running_mean[[0, 1, 3]], 0.1 * x[:, [0, 1, 3]].mean(0))
+    y, stats = native.call(x, None, None, m.running_mean, m.running_var, None, True, 1e-5,
+                           0.1, True, False, native.plan(x, 1, True))
+    assert y.shape == x.shape and stats.shape == (8,) and not torch.isfinite(stats[2])
+    _, stats = native.call(x.nan_to_num(posinf=0.0), None, None, None, None, None, True,
+                           1e-5, 0.1, False, False, native.plan(x, 1, True))
+    assert stats is None  # finite statistics: nothing comes back
 
 
 def test_status_reports_a_bad_switch(monkeypatch):

@@ -100,3 +100,116 @@ def test_constant_channels_last_and_masked(backend):
     bias = torch.tensor([1.0, -2.0, 3.0])
     y = BF.batch_norm(x, None, None, None, bias, True, axis=-1, mask=mask)
     assert torch.equal(y[:40], bias.expand(40, 32, 3))
+
+
+# ------------------------------------------------------------------ eps = 0
+
+# (shape, channels_last): serial and parallel kernels, (N, C) and (N, C, H, W) layouts
+EPS0_SHAPES = [((60, 3), False), ((4, 3, 5, 5), False), ((16, 3, 64, 64), False),
+               ((16, 3, 64, 64), True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,cl", EPS0_SHAPES, ids=str)
+def test_eps_zero_on_a_constant_channel_gives_exactly_the_bias(bn_path, shape, cl, dtype):
+    """eps=0 and a zero-variance channel: x - mean is exactly 0 there, so x_hat is taken as
+    0 and the output is exactly the bias (was 0/0 = NaN), with zero gradients for x and
+    weight; the other channels are torch's eps=0 BN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    x[:, 1] = 2.5
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.tensor([0.5, 2.0, -1.0], dtype=dtype, requires_grad=True)
+    b = torch.tensor([0.25, -3.0, 7.5], dtype=dtype, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    y = BF.batch_norm(x, rm, rv, w, b, True, 0.1, 0.0)
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], -3.0))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad[:, 1], torch.zeros_like(x.grad[:, 1]))
+    assert w.grad[1] == 0 and b.grad[1] == x[:, 1].numel()
+    view = [1, 3] + [1] * (x.dim() - 2)  # torch refuses eps=0 in training: the formula
+    want = oracle(x.detach(), eps=0.0) * w.detach().double().view(view) \
+        + b.detach().double().view(view)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y.detach().double()[:, [0, 2]], want[:, [0, 2]], rtol=tol,
+                               atol=tol)
+    assert rv[1] == 0.9 and rm[1] == torch.tensor(0.25, dtype=dtype)  # var 0, mean 2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eps_zero_in_eval_with_a_zero_running_var(bn_path, dtype):
+    x = torch.randn(8, 3, dtype=dtype)
+    rm, rv = torch.tensor([0.0, 1.0, 0.0], dtype=dtype), torch.tensor([1.0, 0.0, 4.0],
+                                                                       dtype=dtype)
+    b = torch.tensor([0.25, -3.0, 7.5], dtype=dtype)
+    y = BF.batch_norm(x, rm, rv, None, b, False, 0.1, 0.0)
+    assert torch.equal(y[:, 1], torch.full((8,), -3.0, dtype=dtype))
+    torch.testing.assert_close(y[:, 2], x[:, 2] / 2 + 7.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_eps_zero_low_precision(dtype):
+    x = torch.full((6, 3, 4), 3.0, dtype=dtype)
+    bias = torch.tensor([0.25, -3.0, 7.5])
+    y = BF.batch_norm(x, None, None, torch.ones(3), bias, True, eps=0.0)
+    assert torch.equal(y, bias.to(dtype)[:, None].expand_as(x))
+
+
+# ------------------------------------------------------------------ non-finite batches
+
+# (shape, channels_last): serial, parallel (fused statistics) and channels-last kernels
+NAN_SHAPES = [((8, 4), False), ((6, 4, 3, 3), False), ((16, 4, 64, 64), False),
+              ((16, 4, 32, 32), True)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,cl", NAN_SHAPES, ids=str)
+def test_nonfinite_batch_keeps_the_running_statistics_and_warns_once(bn_path, shape, cl,
+                                                                     dtype, bad):
+    """A NaN/Inf in channel 1 leaves that channel's running statistics as they were (torch
+    poisons them for good), the other channels update as torch's do, num_batches_tracked
+    counts the call, and one RuntimeWarning names the channel; the in-kernel blend of the
+    cpu backend and the native node included."""
+    bn = (BatchNorm1d if len(shape) == 2 else BatchNorm2d)(4, dtype=dtype)
+    ref = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(
+        4, dtype=torch.float64)
+    with torch.no_grad():
+        for m in (bn, ref):
+            m.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+            m.running_var.copy_(torch.tensor([2.0, 3.0, 0.5, 1.0]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    x[0, 1] = bad
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) 1 \(1 of 4\) are not finite.*left "
+                                            r"unchanged") as record:
+        bn(x)
+    assert len([w for w in record if w.category is RuntimeWarning]) == 1
+    ref(x.double())
+    assert bn.running_mean[1] == -1.0 and bn.running_var[1] == 3.0
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    keep = [0, 2, 3]
+    torch.testing.assert_close(bn.running_mean[keep].double(), ref.running_mean[keep], **tol)
+    torch.testing.assert_close(bn.running_var[keep].double(), ref.running_var[keep], **tol)
+    assert int(bn.num_batches_tracked) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer: the second bad batch is quiet
+        bn(x)
+    assert bn.running_mean[1] == -1.0 and int(bn.num_batches_tracked) == 2
+
+
+def test_nonfinite_functional_and_half(bn_path):
+    """The functional form and half input (reference path): the same rule."""
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(8, 3, 5).to(dtype)
+        x[2, 0, 1] = float("nan")
+        rm, rv = torch.zeros(3), torch.ones(3)
+        with pytest.warns(RuntimeWarning, match=r"channel\(s\) 0 ") as record:
+            BF.batch_norm(x, rm, rv, None, None, True, 0.5)
+        assert record[0].filename == __file__  # points at the caller's line
+        assert rm[0] == 0 and rv[0] == 1 and rm[1] != 0 and rv[2] != 1

@@ -2,11 +2,13 @@
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from bnkit.errors import BatchNormError
 from bnkit.nn import BNLSTM, BNLSTMCell, RecurrentBatchNorm
 
 D = torch.float64
@@ -84,13 +86,121 @@ def test_errors_leave_state_unchanged():
         RecurrentBatchNorm(3, max_steps=0)
     m = RecurrentBatchNorm(3, max_steps=2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    for bad in (-1, 1.5, "0"):
-        with pytest.raises(ValueError, match=r"time step t must be an int >= 0 \(got"):
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), ("0", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=r"time step t must be an int >= 0 \(got " +
+                           re.escape(repr(bad))):
             m(torch.randn(4, 3), bad)
     with pytest.raises(ValueError, match=r"expected shape \(4,\).*got \(3,\)"):
         m(torch.randn(4, 4), 0)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def torch_raises(call):
+    """What torch raises for the same mistake; None if it accepts it or fails by accident
+    (AttributeError on a non-tensor)."""
+    try:
+        call()
+    except AttributeError:
+        return None
+    except Exception as err:  # noqa: BLE001 - whatever torch raises is the type to match
+        return type(err)
+    return None
+
+
+H = 5
+LSTM_CASES = {  # name -> (bnkit call, error type, message fragment, torch call on the same)
+    "feature size": (lambda m: m(torch.randn(2, 3, 7)), RuntimeError,
+                     "input_size = 4 features", lambda t: t(torch.randn(2, 3, 7))),
+    "int input": (lambda m: m(torch.ones(2, 3, 4, dtype=torch.long)), TypeError,
+                  "floating point", lambda t: t(torch.ones(2, 3, 4, dtype=torch.long))),
+    "float64 input": (lambda m: m(torch.randn(2, 3, 4, dtype=D)), ValueError,
+                      "the weights' dtype torch.float32", lambda t: t(torch.randn(
+                          2, 3, 4, dtype=D))),
+    "empty sequence": (lambda m: m(torch.randn(2, 0, 4)), RuntimeError, "got T = 0",
+                       lambda t: t(torch.randn(2, 0, 4))),
+    "4D input": (lambda m: m(torch.randn(2, 3, 4, 1)), ValueError, "expects a 3D input",
+                 lambda t: t(torch.randn(2, 3, 4, 1))),
+    "list input": (lambda m: m([[[0.0] * 4] * 3] * 2), TypeError, "got list", None),
+    "state rows": (lambda m: m(torch.randn(2, 3, 4), (torch.zeros(3, H), torch.zeros(3, H))),
+                   RuntimeError, "state h must be (2, 5)",
+                   lambda t: t(torch.randn(2, 3, 4), (torch.zeros(1, 3, H),
+                                                      torch.zeros(1, 3, H)))),
+    "state not a pair": (lambda m: m(torch.randn(2, 3, 4), torch.zeros(2, H)), TypeError,
+                         "state must be a tuple (h, c)", None),
+    "batch of one": (lambda m: m(torch.randn(1, 3, 4)), ValueError,
+                     "more than 1 value per channel", None),
+}
+
+
+def module_state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_same_state(m, before):
+    after = module_state(m)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+@pytest.mark.parametrize("case", list(LSTM_CASES))
+def test_bnlstm_errors_are_checked_before_any_step(bn_path, case):
+    """Every input is checked before any BN runs: a failed call leaves every running
+    statistic and step count bit-identical (the feature-size error used to come from the
+    matmul after bn_hh had updated its buffers), with a bnkit error that is also what
+    torch.nn.LSTM raises for the same input."""
+    call, exc, frag, torch_call = LSTM_CASES[case]
+    torch.manual_seed(0)
+    m = BNLSTM(4, H, 3)
+    m(torch.randn(6, 3, 4))  # non-trivial state
+    before = module_state(m)
+    with pytest.raises(exc, match=re.escape(frag)) as info:
+        call(m)
+    assert isinstance(info.value, BatchNormError)
+    want = None if torch_call is None else torch_raises(
+        lambda: torch_call(torch.nn.LSTM(4, H, batch_first=True)))
+    if want is not None:
+        assert isinstance(info.value, want), (type(info.value).__mro__, want)
+    assert_same_state(m, before)
+
+
+CELL_CASES = {
+    "state rows": (lambda c: c(torch.randn(2, 4), (torch.zeros(3, H), torch.zeros(3, H)), 0),
+                   RuntimeError, "state h must be (2, 5)",
+                   lambda t: t(torch.randn(2, 4), (torch.zeros(3, H), torch.zeros(3, H)))),
+    "c rows": (lambda c: c(torch.randn(2, 4), (torch.zeros(2, H), torch.zeros(3, H)), 0),
+               RuntimeError, "state c must be (2, 5)", None),
+    "feature size": (lambda c: c(torch.randn(2, 7), (torch.zeros(2, H),) * 2, 0), RuntimeError,
+                     "input_size = 4 features", lambda t: t(torch.randn(2, 7))),
+    "time step": (lambda c: c(torch.randn(2, 4), (torch.zeros(2, H),) * 2, 1.5), TypeError,
+                  "time step t must be an int >= 0 (got 1.5 of type float)", None),
+}
+
+
+@pytest.mark.parametrize("case", list(CELL_CASES))
+def test_bnlstm_cell_errors_leave_every_buffer_unchanged(bn_path, case):
+    call, exc, frag, torch_call = CELL_CASES[case]
+    torch.manual_seed(0)
+    cell = BNLSTMCell(4, H, 3)
+    cell(torch.randn(6, 4), (torch.zeros(6, H), torch.zeros(6, H)), 0)
+    before = module_state(cell)
+    with pytest.raises(exc, match=re.escape(frag)) as info:
+        call(cell)
+    assert isinstance(info.value, BatchNormError)
+    want = None if torch_call is None else torch_raises(
+        lambda: torch_call(torch.nn.LSTMCell(4, H)))
+    if want is not None:
+        assert isinstance(info.value, want), (type(info.value).__mro__, want)
+    assert_same_state(cell, before)
+
+
+def test_running_buffers_that_require_grad_are_refused(bn_path):
+    m = RecurrentBatchNorm(3, max_steps=2)
+    m.running_var.requires_grad_(True)
+    before = module_state(m)
+    with pytest.raises(RuntimeError, match="running_var must not require grad"):
+        m(torch.randn(4, 3), 0)
+    assert_same_state(m, before)
 
 
 def manual_cell_step(cell, x, h, c, t):

@@ -124,8 +124,9 @@ def _run_scenario(rank: int, name: str) -> dict:
 def _expect_error(fn) -> dict:
     try:
         fn()
-    except (ValueError, TypeError) as err:
-        return {"type": type(err).__name__, "msg": str(err)}
+    except (ValueError, TypeError) as err:  # the built-in type (bnkit.errors' classes
+        builtin = next(c for c in type(err).__mro__ if c.__module__ == "builtins")  # derive)
+        return {"type": builtin.__name__, "msg": str(err)}
     return {"type": None, "msg": ""}
 
 

@@ -5,7 +5,7 @@
     y = bnkit.functional.batch_norm(x, training=True)   # the one functional core
     fast = bnkit.fold(model)                            # model tools: fold, recalibrate, ...
 """
-from . import functional, kernels, nn, tools
+from . import errors, functional, kernels, nn, tools
 from ._version import __version__
 from .kernels import available_backends, get_backend, set_backend
 from .tools import adapt, convert, fold, freeze, recalibrate, unfreeze
@@ -13,8 +13,9 @@ from .tools import inspect as inspect  # re-exported, kept out of __all__ (below
 
 # `inspect` stays out of __all__: `from bnkit import *` must not shadow the standard library's
 # inspect module (use bnkit.inspect or bnkit.tools.inspect).
-__all__ = ["__version__", "adapt", "available_backends", "convert", "fold", "freeze", "functional",
-           "get_backend", "kernels", "nn", "recalibrate", "set_backend", "tools", "unfreeze"]
+__all__ = ["__version__", "adapt", "available_backends", "convert", "errors", "fold", "freeze",
+           "functional", "get_backend", "kernels", "nn", "recalibrate", "set_backend", "tools",
+           "unfreeze"]
 
 # Imported on first access, so `import bnkit` stays light: bnkit.data, bnkit.demo, ...
 _LAZY = ("bench", "data", "demo", "lab")

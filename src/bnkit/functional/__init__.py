@@ -46,8 +46,8 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         checks.check_channel_vector(name, v, x, axis)
+    checks.check_scalars(momentum, eps, training)
     checks.check_running(running_mean, running_var, training)
-    checks.check_scalars(momentum, eps)
     if mask is not None:
         checks.check_mask(mask, x, axis)
     check_act(act)
@@ -73,12 +73,19 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         eps: added to the variance. Default 1e-5.
         axis: the channel dimension; negative values count from the end.
         mask: optional boolean tensor over the non-channel dims (e.g. (N, L) for (N, C, L)),
-            True where a value is real. Statistics use only valid positions; padded positions
-            are normalized with the same statistics.
+            True where a value is real. Statistics use only valid positions, whatever the
+            padding holds (NaN and Inf too); padded positions are normalized with the same
+            statistics.
         act: activation fused into the output ('identity', 'relu', 'silu', 'gelu'); its
             derivative is fused into the backward. Used by BatchNormAct.
 
     Shape: input (*), output the same shape and dtype.
+
+    Unlike torch: eps=0 is allowed (a zero-variance channel then gives exactly the bias); a
+    channel whose batch statistics are not finite keeps its running statistics (a
+    RuntimeWarning says so, once per buffer); momentum is checked in eval too. Errors are
+    `bnkit.errors` classes, each also the built-in type torch raises for the same mistake
+    (docs/errors.md); a failed call changes nothing.
 
     Example:
         >>> x = torch.randn(8, 3, 5)
@@ -107,6 +114,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
     update = training and running_mean is not None
+    if update and not torch.compiler.is_compiling():  # the update writes them in place:
+        checks.check_writable(running_mean, running_var)  # refuse what it cannot, first
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)

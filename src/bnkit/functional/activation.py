@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..errors import BNValueError
+
 
 def _relu_grad(z):
     return (z > 0).to(z.dtype)
@@ -35,9 +37,9 @@ ACTIVATIONS = {
 
 
 def check_act(act: str) -> str:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}: expected one of "
-                         f"{sorted(ACTIVATIONS)}; pass a module instead for anything else")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise BNValueError(f"unknown activation {act!r}: expected one of "
+                           f"{sorted(ACTIVATIONS)}; pass a module instead for anything else")
     return act
 
 

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .backward import act_backward, backward_elemt, backward_reduce, grad_affine, padding_safe
+from .normalize import inv_std
+from .running import warn_nonfinite
 from .stats import acc_dtype, batch_stats, mask_view
 
 
@@ -61,7 +63,7 @@ def _run_forward(x, weight, bias, running_mean, running_var, mask, training, eps
         count, mean, var = backend.batch_stats(x, axis, mask)
     else:
         count, mean, var = _running(running_mean, running_var, x)
-    invstd = torch.rsqrt(var + eps)
+    invstd = inv_std(var, eps)
     y = backend.normalize(x, mean, invstd, weight, bias, axis, act)
     return y, mean, var, count, False
 
@@ -90,7 +92,7 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | 
                                            training, eps, axis, act)
     if out is not None:  # the backend ran the whole backward, grad_affine included
         return out
-    invstd = torch.rsqrt(var + eps)
+    invstd = inv_std(var, eps)
     fused = getattr(backend, "fused_backward", None)
     if fused is not None:  # the backend's one-call form of the three steps below
         dx, sum_dy, sum_dy_xmu = fused(dy, x, mean, invstd, weight, bias, count, axis, mask,
@@ -126,7 +128,7 @@ def _differentiable_bwd(dy, x, weight, bias, mean, var, count, mask, training, e
     """The same formulas as batch_norm_bwd in reference torch ops, stats recomputed from x."""
     if training:
         count, mean, var = batch_stats(x, axis, mask)
-    invstd = torch.rsqrt(var + eps)
+    invstd = inv_std(var, eps)
     dy = act_backward(dy, x, mean, invstd, weight, bias, axis, act)
     sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis)
     dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, mask,
@@ -144,7 +146,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_of(dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act):
-    """-> (dx, dweight, dbias); None for the absent parameters."""
+    """-> (dx, dweight, dbias); None for the absent parameters. With a mask, padded
+    positions that get no gradient enter as the channel mean (`padding_safe`): NaN or Inf
+    padding then adds nothing to any gradient."""
+    x = padding_safe(x, dy, mean, mask, axis)
     args = (dy, x, weight, bias, mean, var, count, mask, training, eps, axis, act)
     if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
         dx, dweight, dbias = _differentiable_bwd(*args)
@@ -231,9 +236,14 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     call, with no mask: the running buffers blend in place when training with them and
     `counter` (an int64 step count, or None) advances by one. None, with nothing touched,
     when it does not take it, including any call the core would reject: the op checks the
-    call without raising, so the caller's full path validates it and explains the error.
-    Only for callers that need y alone (the statistics stay inside the node)."""
-    if act not in _NATIVE_ACTS or type(eps) is not float or not isinstance(x, torch.Tensor):
+    call without raising (an argument of a type its schema refuses is caught here), so the
+    caller's full path validates it and explains the error. Only for callers that need y
+    alone (the statistics stay inside the node)."""
+    if type(momentum) is int:  # e.g. a layer's momentum=1
+        momentum = float(momentum)
+    if (act not in _NATIVE_ACTS or type(eps) is not float or type(momentum) is not float
+            or type(axis) is not int or type(training) is not bool
+            or not isinstance(x, torch.Tensor)):
         return None
     native = kernels.native_module()
     if native is None or _compiling() or _functorch_active():
@@ -245,10 +255,17 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     if plan is None:
         return None
     update = training and running_mean is not None
-    if update and type(momentum) is not float:
+    try:
+        out = native.call(x, weight, bias, running_mean, running_var,
+                          counter if update else None, training, eps, momentum, update,
+                          act == "relu", plan)
+    except (TypeError, RuntimeError):  # e.g. a list for a tensor: refused before any work
         return None
-    return native.call(x, weight, bias, running_mean, running_var, counter if update else None,
-                       training, eps, momentum if update else 0.0, update, act == "relu", plan)
+    y, nonfinite = out
+    if nonfinite is not None:  # (mean | var): some channels kept their running statistics
+        c = nonfinite.numel() // 2
+        warn_nonfinite(running_mean, nonfinite[:c], nonfinite[c:])
+    return y
 
 
 _NATIVE_ACTS = ("identity", "relu")

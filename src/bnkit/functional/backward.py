@@ -62,9 +62,22 @@ def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=
         return (dyc * channel_view(a, nd, axis)).to(dy.dtype)
     xc = x.to(cdtype) - channel_view(mean_hi, nd, axis)
     corr = torch.addcmul(channel_view(c, nd, axis), xc, channel_view(k, nd, axis))
-    if mask is not None:
-        corr = corr * mask.to(cdtype)
+    if mask is not None:  # selected, not multiplied: corr is NaN where padding holds NaN
+        corr = torch.where(mask, corr, corr.new_zeros(()))
     return torch.addcmul(corr, dyc, channel_view(a.to(cdtype), nd, axis)).to(dy.dtype)
+
+
+def padding_safe(x, dy, mean, mask, axis=1):
+    """x for the masked backward: padded positions whose upstream gradient is 0 get the
+    channel mean instead of their value, so they add exactly 0 to the sums and to dx
+    whatever they hold (NaN, Inf: 0 * NaN would be NaN). Exact: with dy = 0 a finite
+    padded value contributes 0 anyway, and a padded position with dy != 0 keeps its value
+    (its output depends on the statistics, so its gradient reaches weight, bias and the
+    valid inputs). x itself when there is no mask (given its channel axis by `mask_view`)."""
+    if mask is None:
+        return x
+    keep = mask | (dy != 0)
+    return torch.where(keep, x, channel_view(mean.to(x.dtype), x.dim(), axis))
 
 
 def act_backward(dy, x, mean, invstd, weight, bias, axis=1, act="identity"):

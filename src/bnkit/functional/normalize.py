@@ -15,6 +15,16 @@ from .activation import apply_act
 from .stats import channel_view, compute_dtype
 
 
+def inv_std(var, eps):
+    """1 / sqrt(var + eps), with 0 where var + eps == 0: a zero-variance channel with eps=0
+    has centred values exactly 0, so x_hat = 0 there and the output is exactly the bias
+    (not 0/0). NaN stays NaN; differentiable (the rsqrt never sees the 0)."""
+    if eps != 0:  # var >= 0, so var + eps > 0
+        return torch.rsqrt(var + eps)
+    zero = var == 0
+    return torch.where(zero, 0.0, torch.rsqrt(torch.where(zero, 1.0, var)))
+
+
 def affine_coeffs(mean, invstd, weight, bias, cdtype):
     """Per-channel (mean_hi, scale, shift), each (C,) in `cdtype`.
 

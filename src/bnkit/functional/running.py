@@ -3,10 +3,23 @@
     running = (1 - momentum) * running + momentum * batch      (momentum 0.1 = Keras's 0.9)
 running_var receives the unbiased batch variance var * n / (n - 1). Modules turn
 `momentum=None` into the cumulative average by passing momentum = 1 / num_batches_tracked.
+
+Unlike torch, a channel whose batch statistics are not finite (NaN or Inf in its input)
+keeps its running statistics, and a RuntimeWarning says so, once per running buffer
+(`warn_nonfinite`); one bad batch would otherwise poison them for good, silently. Every
+path applies this rule: here, and in the cpu backend's in-kernel blend
+(`kernels/cpu_ops._blend`, which the native node runs too). num_batches_tracked still
+advances, as torch counts every training call.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
+
+from .checks import check_writable_one
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum):
@@ -17,7 +30,9 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     rounded once into the buffer's dtype: the arithmetic of the cpu
     backend's in-kernel blend (`kernels/cpu_ops._blend`), so eager runs on either backend
     and compiled graphs agree bit for bit. Tensors that carry autograd history are blended
-    under no_grad (a context costs ~10 us, so it is entered only then).
+    under no_grad (a context costs ~10 us, so it is entered only then). Channels whose batch
+    statistics are not finite keep their running statistics (`warn_nonfinite`); buffers the
+    update cannot write in place raise before the first write (`checks.check_writable_one`).
     """
     tracked = (t is not None and t.requires_grad for t in (mean, var, running_mean, running_var))
     if torch.is_grad_enabled() and any(tracked):
@@ -27,18 +42,81 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 
 
 def _blend(running_mean, running_var, mean, var, count, momentum):
+    if not torch.compiler.is_compiling():  # before the first write: a failure leaves both
+        for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+            if v is not None:
+                check_writable_one(name, v)
     keep = 1 - momentum
+    ok = _finite_channels(mean, var)
     if running_mean is not None:
-        running_mean.copy_(_mix(running_mean, keep, mean, momentum))
+        running_mean.copy_(_keep_bad(_mix(running_mean, keep, mean, momentum), running_mean,
+                                     ok))
     if running_var is None:
-        return
+        return _warn_if_bad(running_mean, mean, var, ok)
     n = _host_count(count)
     if n is None:  # a traced or device count: stay in tensor ops (no sync, no graph break)
         nt = count.to(torch.float64)
         factor = momentum * (nt / (nt - 1))
     else:  # n / (n - 1) folded into the scalar factor
         factor = momentum * (n / (n - 1))
-    running_var.copy_(_mix(running_var, keep, var, factor))
+    running_var.copy_(_keep_bad(_mix(running_var, keep, var, factor), running_var, ok))
+    _warn_if_bad(running_mean if running_mean is not None else running_var, mean, var, ok)
+
+
+def _finite_channels(mean, var):
+    """None when every channel's statistics are finite (the common case: one check on the
+    (C,) sum, no per-channel mask), else the (C,) mask of finite channels. While tracing, or
+    off the CPU, the mask always (no host sync)."""
+    both = mean + var  # non-finite where either is (inf - inf is nan)
+    if torch.compiler.is_compiling() or not both.is_cpu:
+        return torch.isfinite(both)
+    if bool(torch.isfinite(both.sum())):
+        return None
+    return torch.isfinite(mean) & torch.isfinite(var)
+
+
+def _keep_bad(new, running, ok):
+    """new, with the running value kept where the channel's statistics are not finite."""
+    return new if ok is None else torch.where(ok, new, running.to(new.dtype))
+
+
+def _warn_if_bad(running, mean, var, ok) -> None:
+    if ok is not None and not torch.compiler.is_compiling() and ok.is_cpu and \
+            not bool(ok.all()):
+        warn_nonfinite(running, mean, var)
+
+
+def warn_nonfinite(running, mean, var) -> None:
+    """RuntimeWarning, once per running buffer: the channels whose batch statistics (mean,
+    var: (C,)) are not finite kept their running statistics. `running` is the layer's
+    running_mean (a row of a larger buffer counts as that buffer)."""
+    owner = running if running._base is None else running._base
+    if getattr(owner, "_bnkit_nonfinite_warned", False):
+        return
+    bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    warnings.warn(f"batch statistics of channel(s) {shown} ({len(bad)} of {mean.numel()}) "
+                  "are not finite (NaN or Inf in the input); their running_mean/running_var "
+                  f"(shape {tuple(owner.shape)}) were left unchanged instead of being "
+                  "poisoned, and this batch's outputs for them are not finite. Find the "
+                  "source of the NaN/Inf (inputs, a diverging learning rate; "
+                  "torch.autograd.set_detect_anomaly helps) or mask it out. Warned once per "
+                  "layer.", RuntimeWarning, stacklevel=_user_stacklevel())
+    owner._bnkit_nonfinite_warned = True
+
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.sep + "torch" + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside bnkit and torch (its module-call and
+    autograd.Function machinery), so the warning points at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PKG)
+                                 or _TORCH in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _mix(running, keep, stat, weight):

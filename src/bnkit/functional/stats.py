@@ -56,7 +56,9 @@ def batch_stats(x: torch.Tensor, axis: int = 1, mask: torch.Tensor | None = None
     """Two-pass statistics of `x` over every dim but `axis`, in `acc_dtype(x.dtype)`.
 
     With a boolean `mask` (broadcastable to x without its channel dim, already given the
-    channel axis by `mask_view`), only the valid positions count. Differentiable in x.
+    channel axis by `mask_view`), only the valid positions count, whatever the padding
+    holds (NaN and Inf included: they are selected away, not multiplied by 0).
+    Differentiable in x.
     """
     dims = reduce_dims(x.dim(), axis)
     xa = x.to(acc_dtype(x.dtype))
@@ -68,9 +70,10 @@ def batch_stats(x: torch.Tensor, axis: int = 1, mask: torch.Tensor | None = None
     shape1 = list(x.shape)
     shape1[axis] = 1
     count = mask.to(xa.dtype).expand(shape1).sum()  # valid positions per channel, a scalar
-    w = mask.to(xa.dtype)
-    mean0 = (xa * w).sum(dims) / count
-    d = (xa - channel_view(mean0, x.dim(), axis)) * w
+    zero = xa.new_zeros(())
+    # select, never multiply by the mask: padding may hold NaN or Inf (0 * NaN = NaN)
+    mean0 = torch.where(mask, xa, zero).sum(dims) / count
+    d = torch.where(mask, xa - channel_view(mean0, x.dim(), axis), zero)
     return _corrected(count, mean0, d.sum(dims) / count, (d * d).sum(dims) / count)
 
 

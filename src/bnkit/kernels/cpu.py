@@ -35,6 +35,7 @@ from torch.autograd.graph import increment_version as _increment_version
 
 from ..functional.backward import elemt_coeffs
 from ..functional.normalize import affine_coeffs
+from ..functional.running import warn_nonfinite
 from ..functional.stats import Stats
 from . import cpu_layout as L
 from . import cpu_numba as K
@@ -228,8 +229,10 @@ def fused_forward(x, weight, bias, running_mean, running_var, mask, training, ep
     """The forward op in one kernel call -> (y, mean, var, count), the core's results
     (float64 two-pass corrected statistics, `affine_coeffs`' coefficients). With a
     `momentum` (training, running buffers given) the running buffers are blended too, as
-    `update_running` would. None when the input needs the primitives (a mask, silu/gelu, a
-    layout the kernels do not take, running buffers that cannot be blended in place)."""
+    `update_running` would, channels with non-finite batch statistics left as they were
+    (with `warn_nonfinite`'s warning). None when the input needs the primitives (a mask,
+    silu/gelu, a layout the kernels do not take, running buffers that cannot be blended in
+    place)."""
     lay = _fast(x, axis)
     if lay is None or mask is not None or act not in _FAST_ACTS:
         return None
@@ -243,15 +246,19 @@ def fused_forward(x, weight, bias, running_mean, running_var, mask, training, ep
     y = L.empty_like(x)
     wa, ba, lp, has_w, has_b, _keep = _params(weight, bias, x)
     lr = _LIKE[rm.dtype] if rm is not None else _LIKE[torch.float64]
-    O.forward_op(x.data_ptr(), y.data_ptr(), outer, c, inner, _LIKE[x.dtype], t > 1,
-                 *_split(kind, outer, c, inner, t), wa, ba, lp, has_w, has_b, float(eps),
-                 bool(training), act == "relu", m, v, 0 if rm is None else rm.data_ptr(),
-                 0 if rv is None else rv.data_ptr(), lr, update, float(momentum or 0.0))
+    skipped = O.forward_op(
+        x.data_ptr(), y.data_ptr(), outer, c, inner, _LIKE[x.dtype], t > 1,
+        *_split(kind, outer, c, inner, t), wa, ba, lp, has_w, has_b, float(eps),
+        bool(training), act == "relu", m, v, 0 if rm is None else rm.data_ptr(),
+        0 if rv is None else rv.data_ptr(), lr, update, float(momentum or 0.0))
     if update:  # the buffers changed outside torch's view: tell autograd's version check
         _increment_version(running_mean)
         _increment_version(running_var)
     n = float(outer * inner) if training else 0.0
-    return y, torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(np.array(n))
+    mean, var = torch.from_numpy(m), torch.from_numpy(v)
+    if skipped:  # channels with non-finite statistics kept their running statistics
+        warn_nonfinite(running_mean, mean, var)
+    return y, mean, var, torch.from_numpy(np.array(n))
 
 
 def _f64(t):

@@ -9,8 +9,9 @@ kernels nested inside need numba's threading layer started first (`cpu._threads`
 and a cached cfunc that refers to it fails to link otherwise.
 
 Signatures (C):
-  fwd(x, y, outer, C, inner, par, rows, pieces, width, w, b, has_w, has_b, eps: double,
-      training, relu, mean, var, running_mean, running_var, update, momentum: double)
+  int64 fwd(x, y, outer, C, inner, par, rows, pieces, width, w, b, has_w, has_b,
+      eps: double, training, relu, mean, var, running_mean, running_var, update,
+      momentum: double): the channels whose running statistics were left unchanged
   bwd(dy, x, dx, dz, outer, C, inner, par, fuse, rows, pieces, width, mean, var,
       eps: double, w, b, has_w, has_b, relu, count: double, training, sum_dy, sum_dy_xmu,
       dweight, dbias)
@@ -23,7 +24,7 @@ from numba import cfunc, njit, types
 from . import cpu_ops as O
 
 _I, _F = types.int64, types.float64
-FWD_SIG = types.void(*[_I] * 13, _F, *[_I] * 7, _F)
+FWD_SIG = types.int64(*[_I] * 13, _F, *[_I] * 7, _F)
 BWD_SIG = types.void(*[_I] * 14, _F, *[_I] * 5, _F, *[_I] * 5)
 _W32 = np.empty(0, np.float32)  # dtype witnesses, frozen into the compiled code
 _W64 = np.empty(0, np.float64)
@@ -35,7 +36,7 @@ _keep: list = []
 def _fwd_body(lx, xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w, has_b, eps,
               training, relu, ma, va, rma, rva, update, momentum):
     mean, var = O._view(ma, C, _W64), O._view(va, C, _W64)
-    O.forward_op(xa, ya, outer, C, inner, lx, par != 0, rows, pieces, width, wa, ba, lx,
+    return O.forward_op(xa, ya, outer, C, inner, lx, par != 0, rows, pieces, width, wa, ba, lx,
                  has_w != 0, has_b != 0, eps, training != 0, relu != 0, mean, var, rma, rva, lx,
                  update != 0, momentum)
 
@@ -53,14 +54,14 @@ def _bwd_body(lx, dya, xa, dxa, za, outer, C, inner, par, fuse, rows, pieces, wi
 # The C entry points, one per dtype; numba compiles them in `build()`, not at import.
 def fwd32(xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w, has_b, eps,
           training, relu, ma, va, rma, rva, update, momentum):
-    _fwd_body(_W32, xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w, has_b, eps,
-              training, relu, ma, va, rma, rva, update, momentum)
+    return _fwd_body(_W32, xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w,
+                     has_b, eps, training, relu, ma, va, rma, rva, update, momentum)
 
 
 def fwd64(xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w, has_b, eps,
           training, relu, ma, va, rma, rva, update, momentum):
-    _fwd_body(_W64, xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w, has_b, eps,
-              training, relu, ma, va, rma, rva, update, momentum)
+    return _fwd_body(_W64, xa, ya, outer, C, inner, par, rows, pieces, width, wa, ba, has_w,
+                     has_b, eps, training, relu, ma, va, rma, rva, update, momentum)
 
 
 def bwd32(dya, xa, dxa, za, outer, C, inner, par, fuse, rows, pieces, width, ma, va, eps,

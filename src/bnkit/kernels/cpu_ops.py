@@ -92,7 +92,7 @@ def _serial_stats(x, outer, C, inner, mean, var):
 def _affine(mean, var, eps, w, b, has_w, has_b, like):
     """Scalar (mean_hi, scale, shift) of one channel in `like`'s dtype, float64 math in the
     operation order of affine_coeffs (invstd = 1/sqrt(var + eps))."""
-    scale = 1.0 / np.sqrt(var + eps)
+    scale = _invstd(var, eps)
     if has_w:
         scale = scale * np.float64(w)
     mean_hi = like.dtype.type(mean)
@@ -100,6 +100,14 @@ def _affine(mean, var, eps, w, b, has_w, has_b, like):
     if has_b:
         shift = shift + np.float64(b)
     return mean_hi, like.dtype.type(scale), like.dtype.type(shift)
+
+
+@njit(**_SERIAL)
+def _invstd(var, eps):
+    """1 / sqrt(var + eps); 0 for a zero-variance channel with eps = 0, whose centred values
+    are exactly 0 (x_hat = 0: the output is the bias). NaN stays NaN."""
+    v = var + eps
+    return 0.0 if v == 0.0 else 1.0 / np.sqrt(v)
 
 
 @njit(**_SERIAL)
@@ -133,12 +141,18 @@ def _bwd_coeffs(mean, invstd, w, has_w, n, training, sum_dy, sum_dy_xmu, like):
 @njit(**_SERIAL)
 def _blend(rm, rv, mean, var, n, momentum):
     """Running stats move towards the batch mean and the unbiased variance, in float64
-    (as update_running: one rounding into the buffers' dtype)."""
+    (as update_running: one rounding into the buffers' dtype). A channel whose batch
+    statistics are not finite keeps its running statistics; returns how many did."""
     keep = 1.0 - momentum
     unbias = n / (n - 1.0)
+    skipped = 0
     for c in range(mean.size):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            skipped += 1
+            continue
         rm[c] = np.float64(rm[c]) * keep + mean[c] * momentum
         rv[c] = np.float64(rv[c]) * keep + var[c] * (momentum * unbias)
+    return skipped
 
 
 # ---- serial passes --------------------------------------------------------------------------
@@ -213,7 +227,8 @@ def forward_op(xa, ya, outer, C, inner, lx, par, rows, pieces, width, wa, ba, lp
     running buffers at rma, rva (dtype lr) blend towards them by `momentum`. Eval: mean,
     var receive the running buffers. wa, ba: weight and bias (dtype lp) when has_w, has_b.
     rows/pieces/width: the parallel statistics' chunks (cpu_layout.cf_split, or
-    rows = cpu_layout.cl_rows for inner == 1)."""
+    rows = cpu_layout.cl_rows for inner == 1). Returns the number of channels whose
+    running statistics the blend left unchanged (batch statistics not finite)."""
     n = outer * C * inner
     x, y = _view(xa, n, lx), _view(ya, n, lx)
     w = _view(wa, C if has_w else 0, lp)
@@ -237,7 +252,8 @@ def forward_op(xa, ya, outer, C, inner, lx, par, rows, pieces, width, wa, ba, lp
     else:
         K.cl_normalize(x, y, outer, C, max(1, BLOCK // C), mh, sc, sh, relu)
     if training and update:
-        _blend(rm, rv, mean, var, np.float64(outer * inner), momentum)
+        return _blend(rm, rv, mean, var, np.float64(outer * inner), momentum)
+    return 0
 
 
 @njit(**_SERIAL)
@@ -297,7 +313,9 @@ def backward_op(dya, xa, dxa, za, outer, C, inner, lx, par, fuse, rows, pieces, 
     if relu and not fuse:  # the per-channel kernel recomputes relu'(z) itself
         dy = _relu_grad(dy, x, _view(za, n, lx), outer, C, inner, par, mean, var, eps, w, b,
                         has_w, has_b)
-    invstd = 1.0 / np.sqrt(var + eps)
+    invstd = np.empty(C)
+    for c in range(C):
+        invstd[c] = _invstd(var[c], eps)
     if fuse:
         wf = np.ones(C)
         if has_w:

@@ -8,7 +8,10 @@
 // mask, eager) and computes the layout plan (dense float32 or float64 below the huge-page
 // size); `accepts` below checks everything else and declines, without raising, any call
 // the Python path must handle: a bad call (Python's checks then explain the error) or one
-// the kernels cannot run in place (mixed dtypes, inference-mode buffers).
+// the kernels cannot run in place (mixed dtypes, inference-mode buffers, buffers that
+// require grad). The forward kernel leaves a channel's running statistics unchanged when
+// its batch statistics are not finite and returns how many it left; the op then returns
+// the statistics too, so Python can warn (bnkit.functional.running).
 //
 // plan = [outer, C, inner, par, rows, pieces, width, fuse, dtype (0 float32, 1 float64),
 //         axis]: the (outer, C, inner) view of x, the parallel chunks, the backward's
@@ -17,15 +20,22 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <utility>
+
 namespace {
 
 using I = int64_t;
-using Fwd = void (*)(I, I, I, I, I, I, I, I, I, I, I, I, I, double, I, I, I, I, I, I, I,
+using Fwd = I (*)(I, I, I, I, I, I, I, I, I, I, I, I, I, double, I, I, I, I, I, I, I,
                      double);
 using Bwd = void (*)(I, I, I, I, I, I, I, I, I, I, I, I, I, I, double, I, I, I, I, I,
                      double, I, I, I, I, I);
 I g_fwd[2] = {0, 0};
 I g_bwd[2] = {0, 0};
+// The forward's statistics (mean | var) when the last call on this thread left some
+// channels' running statistics unchanged because their batch statistics were not finite;
+// `bn` hands them to Python (which warns) and clears this.
+thread_local at::Tensor g_nonfinite;
 
 void set_kernels(at::IntArrayRef fwd, at::IntArrayRef bwd) {
   TORCH_CHECK(fwd.size() == 2 && bwd.size() == 2, "bnkit_native: 2 + 2 kernel addresses");
@@ -69,10 +79,11 @@ struct BN : public torch::autograd::Function<BN> {
     at::Tensor y = at::empty_like(x);
     at::Tensor mv = at::empty({2 * C}, x.options().dtype(at::kDouble));  // mean | var
     const I m = addr(mv);
-    reinterpret_cast<Fwd>(g_fwd[plan[8]])(
+    const I skipped = reinterpret_cast<Fwd>(g_fwd[plan[8]])(
         addr(x), addr(y), plan[0], C, plan[2], plan[3], plan[4], plan[5], plan[6], addr(w),
         addr(b), has(w), has(b), eps, training, relu, m, m + 8 * C, addr(rm), addr(rv),
         update, momentum);
+    if (skipped > 0) g_nonfinite = mv;
     if (update) {  // the buffers changed in place: tell autograd's version check
       rm->unsafeGetTensorImpl()->bump_version();
       rv->unsafeGetTensorImpl()->bump_version();
@@ -154,20 +165,25 @@ bool accepts(const at::Tensor& x, const c10::optional<at::Tensor>& w,
   if (training ? outer * inner < 2 : !has(rm)) return false;  // n - 1 > 0; eval reads rm
   if (update != (training && has(rm))) return false;
   if (update && (rm->is_inference() || rv->is_inference())) return false;
+  if (has(rm) && (rm->requires_grad() || rv->requires_grad())) return false;
   if (has(counter) && !(counter->device().is_cpu() && counter->scalar_type() == at::kLong &&
                         counter->numel() == 1 && !counter->is_inference()))
     return false;
   return eps >= 0 && momentum >= 0 && momentum <= 1;  // false for NaN too
 }
 
-at::Tensor bn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
+// -> (y, stats): stats is the forward's mean | var (2C,) when some channels' batch
+// statistics were not finite (their running statistics were left as they were), else
+// undefined; (undefined, undefined) when the op declines the call.
+std::tuple<at::Tensor, at::Tensor> bn(const at::Tensor& x, const c10::optional<at::Tensor>& w,
               const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& rm,
               const c10::optional<at::Tensor>& rv, const c10::optional<at::Tensor>& counter,
               bool training, double eps, double momentum, bool update, bool relu,
               at::IntArrayRef plan) {
   if (!accepts(x, w, b, rm, rv, counter, training, eps, momentum, update, plan))
-    return at::Tensor();
-  return BN::apply(x, w, b, rm, rv, counter, training, eps, momentum, update, relu, plan);
+    return {at::Tensor(), at::Tensor()};
+  at::Tensor y = BN::apply(x, w, b, rm, rv, counter, training, eps, momentum, update, relu, plan);
+  return {y, std::exchange(g_nonfinite, at::Tensor())};
 }
 
 }  // namespace
@@ -176,6 +192,6 @@ TORCH_LIBRARY(bnkit_native, m) {
   m.def("set_kernels(int[] fwd, int[] bwd) -> ()", &set_kernels);
   m.def("bn(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
         "Tensor? running_var, Tensor? counter, bool training, float eps, float momentum, "
-        "bool update, bool relu, int[] plan) -> Tensor",
+        "bool update, bool relu, int[] plan) -> (Tensor, Tensor)",
         &bn);
 }

@@ -14,10 +14,13 @@ and every failure leaves the Python path in charge. `BNKIT_NATIVE=0` turns it of
 which applies; `bnkit info` prints it.
 
 `plan(x, axis, training)` says whether x's layout qualifies (dense float32 or float64
-below the huge-page size) and `call(...)` runs the op, which returns None, touching
-nothing, for a call it does not take (parameters or buffers of another dtype or device,
-inference-mode buffers, a call the core rejects: the caller's Python path then validates
-it and explains the error). Identity or relu, no mask: the caller checks those.
+below the huge-page size) and `call(...)` runs the op -> (y, stats). It returns
+(None, None), touching nothing, for a call it does not take (parameters or buffers of
+another dtype or device, inference-mode or expanded buffers, buffers that require grad, a
+call the core rejects: the caller's Python path then validates it and explains the error).
+`stats`, the (2C,) float64 mean | var, comes back only when the blend left some channels'
+running statistics unchanged because their batch statistics were not finite (the caller
+warns); else None. Identity or relu, no mask: the caller checks those.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ _state: dict = {"op": None, "why": "not built yet: the first eligible layer call
                 "(~1 min once, then cached)", "tried": False}
 _DT = {torch.float32: 0, torch.float64: 1}
 call = None  # op()'s C++ callable once built: call(x, weight, bias, running_mean,
-#   running_var, counter, training, eps, momentum, update, relu, plan) -> y, or None when
-#   the op declines the call
+#   running_var, counter, training, eps, momentum, update, relu, plan) -> (y, stats), or
+#   (None, None) when the op declines the call
 
 
 def _mode() -> str:

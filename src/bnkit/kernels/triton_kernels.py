@@ -136,11 +136,11 @@ def stats_kernel(x_ptr, m_ptr, pos_ptr, part_ptr, shift_ptr, rows, cols, C, row_
         for k0 in range(k_start, k_end, BLOCK_K):
             offs, inb, w, k = _tile(a, r0, k0, r_end, k_end, row_stride, chan_stride, mrow,
                                     mcol, m_ptr, CL, HAS_MASK, BLOCK_R, BLOCK_K)
-            x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(acc) - shift
-            wf = w.to(acc)
-            n_t = tl.sum(wf, axis=0)
-            mean_t = tl.sum(x * wf, axis=0) / tl.maximum(n_t, 1.0)
-            d = (x - mean_t[None, :]) * wf
+            # padding is selected away, not multiplied by 0: it may hold NaN or Inf
+            x = tl.where(w, tl.load(x_ptr + offs, mask=inb, other=0.0).to(acc) - shift, 0.0)
+            n_t = tl.sum(w.to(acc), axis=0)
+            mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
+            d = tl.where(w, x - mean_t[None, :], 0.0)
             frac = n_t / tl.maximum(cnt + n_t, 1.0)  # Chan: nb / (na + nb)
             delta = mean_t - mean
             m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * cnt * frac

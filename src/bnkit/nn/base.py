@@ -6,10 +6,13 @@ written before torch added num_batches_tracked.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from .. import functional as F
+from ..errors import BNShapeError, BNTypeError, BNValueError
 
 
 class NormBase(nn.Module):
@@ -148,12 +151,25 @@ def _unwrap_converted(layer, state_dict, prefix) -> None:
 
 
 def _check_constructor(num_features, eps, momentum) -> None:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, the number of channels (got "
-                         f"{num_features!r}); pass the size of the input's channel dimension")
+    """The constructor's arguments, with bnkit.errors' classes (TypeError for a wrong type,
+    ValueError + RuntimeError for a negative size, as torch's layer reports them)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise BNTypeError(f"num_features must be a positive int, the number of channels (got "
+                          f"{num_features!r}); pass the size of the input's channel dimension")
+    if num_features <= 0:
+        raise BNShapeError(f"num_features must be a positive int, the number of channels (got "
+                           f"{num_features!r}); pass the size of the input's channel "
+                           "dimension")
+    for name, v in (("eps", eps), ("momentum", momentum)):
+        if v is None and name == "momentum":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            fix = "1e-5" if name == "eps" else "0.1, or None for the cumulative average"
+            raise BNTypeError(f"{name} must be a real number (got {v!r}); pass a float such as "
+                              f"{fix}")
     if not eps >= 0:
-        raise ValueError(f"eps must be >= 0 (got {eps}); the usual value is 1e-5")
+        raise BNValueError(f"eps must be >= 0 (got {eps}); the usual value is 1e-5")
     if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be None (cumulative average) or in [0, 1] (got "
-                         f"{momentum}); bnkit uses PyTorch's convention: 0.1 here equals 0.9 in "
-                         "Keras (m_torch = 1 - m_keras)")
+        raise BNValueError(f"momentum must be None (cumulative average) or in [0, 1] (got "
+                           f"{momentum}); bnkit uses PyTorch's convention: 0.1 here equals 0.9 "
+                           "in Keras (m_torch = 1 - m_keras)")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import BNTypeError, BNValueError
 from .base import NormBase
 
 
@@ -44,7 +45,7 @@ class BatchNorm(NormBase, _BatchNorm):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         _check_tensor(self, x)
         if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input of shape "
+            raise BNValueError(f"expected at least 2D input (got {x.dim()}D input of shape "
                              f"{tuple(x.shape)}); BatchNorm needs a batch and a channel "
                              "dimension")
 
@@ -68,14 +69,14 @@ class _FixedRank(BatchNorm):
         _check_tensor(self, x)
         if x.dim() not in self._ranks:
             want = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"{type(self).__name__} expected {want} input (got {x.dim()}D "
+            raise BNValueError(f"{type(self).__name__} expected {want} input (got {x.dim()}D "
                              f"input of shape {tuple(x.shape)}); use the BatchNorm class "
                              "matching your input's rank, or bnkit.nn.BatchNorm for any rank")
 
 
 def _check_tensor(module, x) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} expects a torch.Tensor input (got "
+        raise BNTypeError(f"{type(module).__name__} expects a torch.Tensor input (got "
                         f"{type(x).__name__}); convert it with torch.as_tensor(x, "
                         "dtype=torch.float32)")
 

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
+from ..errors import BNDTypeError, BNShapeError, BNTypeError, BNValueError
 from .base import NormBase
 
 
@@ -44,8 +45,8 @@ class RecurrentBatchNorm(NormBase, _BatchNorm):
                  track_running_stats: bool = True, *, axis: int = 1, bias: bool = True,
                  weight_init: float = 0.1, device=None, dtype=None) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be an int >= 1, the time steps with their own "
-                             f"statistics (got {max_steps!r}); use the training sequence length")
+            raise BNValueError(f"max_steps must be an int >= 1, the time steps with their own "
+                               f"statistics (got {max_steps!r}); use the training sequence length")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis,
                          bias=bias, device=device, dtype=dtype)
         self.max_steps, self.weight_init = max_steps, weight_init
@@ -80,13 +81,17 @@ class RecurrentBatchNorm(NormBase, _BatchNorm):
     def _slot(self, t) -> int:
         """The statistics row of time step t: min(t, max_steps - 1)."""
         try:
-            t = operator.index(t)
+            if isinstance(t, bool):
+                raise TypeError
+            step = operator.index(t)
         except TypeError:
-            t = None
-        if t is None or t < 0:
-            raise ValueError(f"the time step t must be an int >= 0 (got {t!r}); call "
-                             "bn(x, t) with the index of the step in the sequence")
-        return min(t, self.max_steps - 1)
+            raise BNTypeError(f"the time step t must be an int >= 0 (got {t!r} of type "
+                              f"{type(t).__name__}); call bn(x, t) with the index of the step "
+                              "in the sequence") from None
+        if step < 0:
+            raise BNValueError(f"the time step t must be an int >= 0 (got {t!r}); call "
+                               "bn(x, t) with the index of the step in the sequence")
+        return min(step, self.max_steps - 1)
 
     def _momentum_and_step_at(self, s: int):
         """NormBase._momentum_and_step with the step counter of row s."""
@@ -148,6 +153,7 @@ class BNLSTMCell(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                 t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_step(x, state, t)
         h, c = state
         gates = (self.bn_hh(h @ self.weight_hh.t(), t) + self.bn_ih(x @ self.weight_ih.t(), t)
                  + self.bias)
@@ -155,6 +161,47 @@ class BNLSTMCell(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(self.bn_c(c, t))
         return h, c
+
+    def check_step(self, x, state, t, what: str = "x") -> None:
+        """Every argument of a step checked before any BN runs (a failed call leaves every
+        running statistic as it was): x (N, I) floating of the weights' dtype, state two
+        (N, H) tensors, t an int >= 0, and N >= 2 in training (batch statistics)."""
+        _check_tensor(what, x, 2, "(N, I)")
+        n, size = x.shape
+        if size != self.input_size:
+            raise BNShapeError(f"{what} must have input_size = {self.input_size} features in "
+                               f"its last dimension (got {size}, shape {tuple(x.shape)}); "
+                               "pass input of the size the layer was built for")
+        dt = self.weight_ih.dtype
+        if x.dtype != dt:
+            raise BNDTypeError(f"{what} must have the weights' dtype {dt} (got {x.dtype}); "
+                               f"convert it with .to({dt}) or the model with .to({x.dtype})")
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise BNTypeError(f"state must be a tuple (h, c) of two (N, H) tensors (got "
+                              f"{type(state).__name__}); pass (h, c) or None for zeros")
+        for name, v in zip("hc", state):
+            _check_tensor(name, v, 2, "(N, H)")
+            if tuple(v.shape) != (n, self.hidden_size) or v.dtype != dt:
+                raise BNShapeError(f"state {name} must be ({n}, {self.hidden_size}) of dtype "
+                                   f"{dt}, matching {what}'s {n} rows and hidden_size (got "
+                                   f"{tuple(v.shape)}, {v.dtype}); pass a state of this batch")
+        self.bn_c._slot(t)
+        if self.training and n < 2:
+            raise BNValueError(f"expected more than 1 value per channel when training (got "
+                               f"a batch of {n}); use a batch of at least 2, or call "
+                               "model.eval()")
+
+
+def _check_tensor(name, v, ndim, shape) -> None:
+    if not isinstance(v, torch.Tensor):
+        raise BNTypeError(f"{name} must be a torch.Tensor {shape} (got {type(v).__name__}); "
+                          "convert it with torch.as_tensor(..., dtype=torch.float32)")
+    if not v.is_floating_point():
+        raise BNDTypeError(f"{name} must be floating point (got dtype {v.dtype}); convert "
+                           "it first, e.g. .float()")
+    if v.dim() != ndim:
+        raise BNValueError(f"{name} must be {ndim}D {shape} (got {v.dim()}D of shape "
+                           f"{tuple(v.shape)})")
 
 
 class BNLSTM(nn.Module):
@@ -181,15 +228,24 @@ class BNLSTM(nn.Module):
         self.cell = BNLSTMCell(input_size, hidden_size, max_steps, **cell_kwargs)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            got = f"{x.dim()}D input of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
-                else type(x).__name__
-            raise ValueError(f"BNLSTM expects a 3D input (N, T, I) with batch_first, else "
-                             f"(T, N, I) (got {got}); add the missing batch or time dimension")
+        layout = "(N, T, I)" if self.batch_first else "(T, N, I)"
+        if not isinstance(x, torch.Tensor):
+            raise BNTypeError(f"BNLSTM expects a torch.Tensor input {layout} (got "
+                              f"{type(x).__name__}); convert it with torch.as_tensor(x, "
+                              "dtype=torch.float32)")
+        if x.dim() != 3:
+            raise BNValueError(f"BNLSTM expects a 3D input (N, T, I) with batch_first, else "
+                               f"(T, N, I) (got {x.dim()}D input of shape {tuple(x.shape)}); "
+                               "add the missing batch or time dimension")
         steps = x.unbind(1 if self.batch_first else 0)
+        if not steps:
+            raise BNShapeError(f"BNLSTM expects a sequence of at least one step (got T = 0, "
+                               f"input {layout} of shape {tuple(x.shape)}); drop empty "
+                               "sequences before the call")
         if state is None:
             zeros = x.new_zeros(steps[0].shape[0], self.cell.hidden_size)
             state = (zeros, zeros)
+        self.cell.check_step(steps[0], state, len(steps) - 1, "each step of x")
         outputs = []
         for t, xt in enumerate(steps):
             state = self.cell(xt, state, t)
