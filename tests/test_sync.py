@@ -43,6 +43,12 @@ SCENARIOS = {
                            "dtype": torch.float32},
     "no_affine_no_stats": {"sizes": (2, 3), "tail": (3, 4), "momentum": 0.1, "affine": False,
                            "track": False},
+    # padding holds NaN/Inf (the loss reads only valid outputs): it must add nothing
+    "masked_nan_padding": {"sizes": (3, 5), "tail": (3, 6), "momentum": 0.1, "masked": True,
+                           "nan_padding": True},
+    # eps=0 with a constant channel: x_hat = 0 there, so the output is exactly the bias
+    "constant_channel_eps0": {"sizes": (3, 4), "tail": (3, 5), "momentum": 0.1, "eps": 0.0,
+                              "constant": True},
 }
 
 
@@ -59,6 +65,13 @@ def full_batch(name: str, step: int):
     if sc.get("masked"):
         lengths = torch.randint(1, shape[-1] + 1, (shape[0],), generator=gen)
         mask = torch.arange(shape[-1])[None, :] < lengths[:, None]  # (N, L)
+    if sc.get("nan_padding"):
+        pad = ~mask[:, None, :].expand(shape)
+        x = x.masked_fill(pad, float("nan"))
+        x[:, 1][pad[:, 1]] = float("inf")
+        g = g.masked_fill(pad, 0.0)
+    if sc.get("constant"):
+        x[:, 0] = 7.25
     return x, g, mask
 
 
@@ -102,7 +115,8 @@ def _run_scenario(rank: int, name: str) -> dict:
     sc = SCENARIOS[name]
     dtype = sc.get("dtype", torch.float64)
     bn = SyncBatchNorm(sc["tail"][0], momentum=sc["momentum"], affine=sc.get("affine", True),
-                       track_running_stats=sc.get("track", True), dtype=dtype)
+                       track_running_stats=sc.get("track", True), dtype=dtype,
+                       eps=sc.get("eps", 1e-5))
     init_affine(bn)
     model = wrap_ddp(bn) if bn.weight is not None else bn
     steps = []
@@ -111,7 +125,7 @@ def _run_scenario(rank: int, name: str) -> dict:
         rows = rank_rows(name, rank)
         xr = x[rows].to(dtype).requires_grad_()
         y = model(xr, mask=None if mask is None else mask[rows])
-        (y.double() * g[rows]).sum().backward()
+        (y.double() * g[rows]).nan_to_num(0.0).sum().backward()  # NaN only where g = 0
         grads = {k: getattr(bn, k).grad.clone() for k in ("weight", "bias")
                  if getattr(bn, k) is not None}
         steps.append({"y": y.detach().clone(), "dx": xr.grad.clone(), **grads})
@@ -226,9 +240,10 @@ def _oracle_module(name: str):
     sc = SCENARIOS[name]
     c, nd = sc["tail"][0], len(sc["tail"]) + 1
     kw = {"momentum": sc["momentum"], "affine": sc.get("affine", True),
-          "track_running_stats": sc.get("track", True), "dtype": torch.float64}
-    if sc.get("masked"):
-        return BatchNorm(c, **kw)  # single-process masked BN on the concatenated batch
+          "track_running_stats": sc.get("track", True), "dtype": torch.float64,
+          "eps": sc.get("eps", 1e-5)}
+    if sc.get("masked") or kw["eps"] == 0:  # torch's BN refuses eps=0 in training
+        return BatchNorm(c, **kw)  # single-process BN (masked) on the concatenated batch
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[nd]
     return cls(c, **kw)
 
@@ -241,7 +256,7 @@ def oracle(name: str) -> dict:
         x, g, mask = full_batch(name, step)
         x = x.to(SCENARIOS[name].get("dtype", torch.float64)).double().requires_grad_()
         y = bn(x) if mask is None else bn(x, mask=mask)
-        (y * g).sum().backward()
+        (y * g).nan_to_num(0.0).sum().backward()
         grads = {k: getattr(bn, k).grad.clone() for k in ("weight", "bias")
                  if getattr(bn, k) is not None}
         steps.append({"y": y.detach(), "dx": x.grad, **grads})
@@ -277,6 +292,7 @@ def test_two_ranks_equal_single_process_bn(ranks, name):
     ref = oracle(name)
     f32 = SCENARIOS[name].get("dtype") == torch.float32
     tol = {"rtol": 1e-5, "atol": 1e-5} if f32 else {"rtol": 1e-10, "atol": 1e-10}
+    tol["equal_nan"] = SCENARIOS[name].get("nan_padding", False)  # padded outputs only
     for step in range(2):
         want = ref["steps"][step]
         for r in range(WORLD):
@@ -291,6 +307,19 @@ def test_two_ranks_equal_single_process_bn(ranks, name):
         assert set(got) == set(ref["buffers"])
         for k, v in ref["buffers"].items():
             torch.testing.assert_close(got[k].to(v.dtype), v, **tol)
+
+
+def test_padding_and_constant_channels_stay_finite_across_ranks(ranks):
+    for r in range(WORLD):
+        steps = ranks[r]["masked_nan_padding"]["steps"]
+        _, _, mask = full_batch("masked_nan_padding", 0)
+        valid = mask[rank_rows("masked_nan_padding", r)][:, None, :].expand_as(steps[0]["y"])
+        assert torch.isfinite(steps[0]["y"][valid]).all()
+        assert torch.isfinite(steps[0]["dx"]).all() and torch.isfinite(steps[0]["weight"]).all()
+        assert torch.isfinite(ranks[r]["masked_nan_padding"]["buffers"]["running_var"]).all()
+        const = ranks[r]["constant_channel_eps0"]["steps"][0]
+        bias = ranks[r]["constant_channel_eps0"]["steps"][0]["y"][:, 0]
+        assert torch.isfinite(const["dx"]).all() and torch.unique(bias).numel() == 1
 
 
 def test_two_steps_tracked_two_batches(ranks):
@@ -405,7 +434,8 @@ def _disagreeing_call(bn, x, group=None) -> dict:
         y = bn(x)
         out = {"type": None, "msg": "", "y": y.detach()}
     except Exception as err:  # noqa: BLE001 - the test checks type and message
-        out = {"type": type(err).__name__, "msg": str(err)}
+        builtin = next(c for c in type(err).__mro__ if c.__module__ == "builtins")
+        out = {"type": builtin.__name__, "msg": str(err)}  # bnkit.errors derive from it
     out.update(seconds=time.monotonic() - start, unchanged=_unchanged(bn, before))
     return out
 

@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from ..kernels import reference
-from .backward import grad_affine
+from .backward import grad_affine, padding_safe
+from .normalize import inv_std
 from .running import update_running
 from .stats import Stats, mask_view, merge_many
 from .sync_header import agree, call_header, header_device, rejected_header
@@ -113,7 +114,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats, valid, positions = gather_stats(packed, x.shape[axis], group)
         _check_global_count(valid, positions, x, group)
         positions = torch.tensor(float(positions), dtype=stats.count.dtype)
-        invstd = torch.rsqrt(stats.var + eps)
+        invstd = inv_std(stats.var, eps)  # eps=0 on a constant channel: exactly the bias
         y = backend.normalize(x, stats.mean, invstd, weight, bias, axis)
         ctx.save_for_backward(x, weight, bias, stats.mean, invstd, stats.count, mask)
         ctx.axis, ctx.group = axis, group
@@ -125,6 +126,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar, _dcount, _dpositions):
         x, weight, bias, mean, invstd, count, mask = ctx.saved_tensors
         axis, backend = ctx.axis, _backend(x, ctx.axis, mask)
+        x = padding_safe(x, dy, mean, mask, axis)  # NaN/Inf padding adds nothing
         sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean, axis)  # local, (C,) each
         both = torch.cat([sum_dy, sum_dy_xmu])  # (2C,): one all_reduce instead of two
         _collective(dist.all_reduce, (both,), ctx.group, "all_reduce of gradient sums")
