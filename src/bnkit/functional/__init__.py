@@ -11,6 +11,7 @@ from . import checks
 from .activation import ACTIVATIONS, check_act
 from .autograd import bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .export import lowered_call, lowering
 from .normalize import normalize
 from .running import update_running
 from .stats import Stats, batch_stats, merge_many, merge_stats
@@ -106,6 +107,11 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     if input.numel() == 0:
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
+    if lowering():  # torch.export / torch.jit.trace: standard torch ops (export.py)
+        y = lowered_call(input, running_mean, running_var, weight, bias, training, eps, axis,
+                         mask, act)
+        if y is not None:
+            return y
     update = training and running_mean is not None
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import kernels
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .normalize import normalize
 from .stats import acc_dtype, batch_stats, mask_view
 
 
@@ -215,6 +218,45 @@ class _FuncBatchNorm(torch.autograd.Function):
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_DERIVED = (_functorch.TransformType.Vmap, _functorch.TransformType.Jvp)
+
+
+def _derived_transform() -> bool:
+    """A torch.func vmap or jvp (also jacfwd, hessian) is active: these need rules for every
+    op, which opaque kernels cannot give, so the call runs `_derived_forward`."""
+    return any(i.key() in _DERIVED for i in _functorch.get_interpreter_stack() or ())
+
+
+def _vmapped(t) -> bool:
+    """t carries a vmap batch dimension at some level of functorch wrapping."""
+    while True:
+        if _functorch.is_batchedtensor(t):
+            return True
+        if not _functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = _functorch.get_unwrapped(t)
+
+
+def _derived_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
+                     act, update):
+    """The forward in differentiable reference torch ops (`batch_stats`, `normalize`), for
+    forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and vmap: torch derives the
+    tangent and the batching rule from the ops, as it does for its own batch_norm. The
+    statistics returned for the running update are detached, so a buffer never gets a
+    tangent. Under vmap, updating unbatched running buffers from a batched input is refused
+    before anything is touched, with torch's message for its own batch_norm."""
+    if update and _vmapped(x) and not _vmapped(running_mean):
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, "
+            "which will be updated in place, were not batched (got a training-mode call with "
+            "running statistics under torch.func.vmap); set track_running_stats=False, use "
+            "eval mode, or vmap over batched running buffers too")
+    if training:
+        count, mean, var = batch_stats(x, axis, mask)
+    else:
+        count, mean, var = _running(running_mean, running_var, x)
+    y = normalize(x, mean, torch.rsqrt(var + eps), weight, bias, axis, act)
+    return y, mean.detach(), var.detach(), count, False
 
 
 def _needs_graph(x, weight, bias) -> bool:
@@ -236,7 +278,8 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     if act not in _NATIVE_ACTS or type(eps) is not float or not isinstance(x, torch.Tensor):
         return None
     native = kernels.native_module()
-    if native is None or _compiling() or _functorch_active():
+    if native is None or _compiling() or _functorch_active() or _tracing() \
+            or _forward_ad._current_level >= 0:
         return None
     nd = x.dim()
     if nd < 2 or not -nd <= axis < nd:
@@ -253,6 +296,7 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
 
 _NATIVE_ACTS = ("identity", "relu")
 _compiling = torch.compiler.is_compiling
+_tracing = torch._C._is_tracing  # torch.jit.trace records the call (the core lowers it)
 
 
 def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
@@ -264,6 +308,12 @@ def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, ax
     args = (x, weight, bias, running_mean, running_var, mask, training, eps, axis, act)
     if torch.compiler.is_compiling():
         return (*batch_norm_fwd(*args), False)
+    if _tracing():  # the core lowers what it can (export.py); the kernels are invisible here
+        raise RuntimeError("torch.jit.trace cannot record bnkit's batch norm kernels (got a "
+                           "training-mode call, e.g. GhostBatchNorm's chunks); trace in eval "
+                           "mode (model.eval()), or use torch.export.export")
+    if _forward_ad._current_level >= 0 or _functorch_active() and _derived_transform():
+        return _derived_forward(*args, running_mean is not None and training)
     if _functorch_active():  # torch.func.grad & co: the setup_context form
         return (*_FuncBatchNorm.apply(*args), False)
     if not _needs_graph(x, weight, bias):  # inference: no autograd node to build

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .export import scripted_batch_norm
 
 
 class NormBase(nn.Module):
@@ -98,6 +99,11 @@ class NormBase(nn.Module):
         batch_stats = self.training or b["running_mean"] is None  # _uses_batch_stats()
         return F.counted_batch_norm(input, rm, rv, p["weight"], p["bias"], batch_stats,
                                     momentum, self.eps, self.axis, mask, act, counter)
+
+    def _scripted(self, input: torch.Tensor, chunked: bool = False) -> torch.Tensor:
+        """What torch.jit.script compiles for this layer (`bnkit.nn.export`)."""
+        return scripted_batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                   self.bias, float(self.eps), self.axis, self.training, chunked)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -74,6 +74,8 @@ class GhostBatchNorm(NormBase):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input, chunked=True)
         if not self._uses_batch_stats():  # eval: plain BN with the running statistics
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps, axis=self.axis, mask=mask)

@@ -73,6 +73,8 @@ class SyncBatchNorm(NormBase):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input)
         self._check_input_dim(input)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
