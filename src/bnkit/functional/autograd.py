@@ -29,6 +29,7 @@ from torch.autograd import forward_ad as _forward_ad
 from .. import kernels
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
 from .normalize import normalize
+from .running import update_running
 from .stats import acc_dtype, batch_stats, mask_view
 
 
@@ -238,14 +239,16 @@ def _vmapped(t) -> bool:
 
 
 def _derived_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
-                     act, update):
+                     act, momentum):
     """The forward in differentiable reference torch ops (`batch_stats`, `normalize`), for
     forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and vmap: torch derives the
     tangent and the batching rule from the ops, as it does for its own batch_norm. The
     statistics returned for the running update are detached, so a buffer never gets a
-    tangent. Under vmap, updating unbatched running buffers from a batched input is refused
-    before anything is touched, with torch's message for its own batch_norm."""
-    if update and _vmapped(x) and not _vmapped(running_mean):
+    tangent. With a `momentum` (training with running buffers) the buffers are blended here,
+    as torch's batch_norm does under forward-mode AD, and `blended` is True. Under vmap,
+    updating unbatched running buffers from a batched input is refused before anything is
+    touched, with torch's message for its own batch_norm."""
+    if momentum is not None and _vmapped(x) and not _vmapped(running_mean):
         raise RuntimeError(
             "Batch norm got a batched tensor as input while the running_mean or running_var, "
             "which will be updated in place, were not batched (got a training-mode call with "
@@ -256,7 +259,24 @@ def _derived_forward(x, weight, bias, running_mean, running_var, mask, training,
     else:
         count, mean, var = _running(running_mean, running_var, x)
     y = normalize(x, mean, torch.rsqrt(var + eps), weight, bias, axis, act)
-    return y, mean.detach(), var.detach(), count, False
+    mean, var, count = _constant(mean), _constant(var), _constant(count)
+    if momentum is None or _functorch.is_functorch_wrapped_tensor(mean):
+        return y, mean, var, count, False  # a grad level is left: torch refuses the update
+    with torch._C._DisableFuncTorch():  # plain tensors into plain buffers, below the jvp
+        update_running(running_mean, running_var, mean, var, count, momentum)
+    return y, mean, var, count, True
+
+
+def _constant(t):
+    """A statistic as the running update takes it: detached, and unwrapped from the
+    torch.func.jvp levels, so updating captured buffers works under jvp as it does for
+    torch's batch_norm (grad levels stay: torch refuses that update under grad)."""
+    t = t.detach()
+    stack = _functorch.get_interpreter_stack() or ()
+    jvp_levels = {i.level() for i in stack if i.key() == _functorch.TransformType.Jvp}
+    while _functorch.is_gradtrackingtensor(t) and _functorch.maybe_get_level(t) in jvp_levels:
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _needs_graph(x, weight, bias) -> bool:
@@ -277,9 +297,12 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     Only for callers that need y alone (the statistics stay inside the node)."""
     if act not in _NATIVE_ACTS or type(eps) is not float or not isinstance(x, torch.Tensor):
         return None
+    # before native_module(): its first call imports the kernels, which must not happen
+    # under a transform, a tracer or fake tensors
+    if _compiling() or _functorch_active() or _tracing() or _forward_ad._current_level >= 0:
+        return None
     native = kernels.native_module()
-    if native is None or _compiling() or _functorch_active() or _tracing() \
-            or _forward_ad._current_level >= 0:
+    if native is None:
         return None
     nd = x.dim()
     if nd < 2 or not -nd <= axis < nd:
@@ -313,7 +336,7 @@ def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, ax
                            "training-mode call, e.g. GhostBatchNorm's chunks); trace in eval "
                            "mode (model.eval()), or use torch.export.export")
     if _forward_ad._current_level >= 0 or _functorch_active() and _derived_transform():
-        return _derived_forward(*args, running_mean is not None and training)
+        return _derived_forward(*args, momentum)
     if _functorch_active():  # torch.func.grad & co: the setup_context form
         return (*_FuncBatchNorm.apply(*args), False)
     if not _needs_graph(x, weight, bias):  # inference: no autograd node to build
