@@ -9,7 +9,7 @@ import torch
 
 from . import checks
 from .activation import ACTIVATIONS, check_act
-from .autograd import bn_apply, native_apply
+from .autograd import advance, bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
 from .export import lowered_call, lowering
 from .normalize import normalize
@@ -119,7 +119,7 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     if update and not blended:
         update_running(running_mean, running_var, mean, var, n, momentum)
     if update and counter is not None:
-        counter.add_(1)
+        advance(counter)
     return y
 
 

@@ -267,6 +267,17 @@ def _derived_forward(x, weight, bias, running_mean, running_var, mask, training,
     return y, mean, var, count, True
 
 
+def advance(counter) -> None:
+    """A layer's step count + 1, after a successful training call with running buffers;
+    under torch.func transforms below their levels, like the buffers' blend (only jvp gets
+    this far: vmap and grad refuse the blend first)."""
+    if _functorch_active():
+        with torch._C._DisableFuncTorch():
+            counter.add_(1)
+    else:
+        counter.add_(1)
+
+
 def _constant(t):
     """A statistic as the running update takes it: detached, and unwrapped from the
     torch.func.jvp levels, so updating captured buffers works under jvp as it does for

@@ -23,7 +23,6 @@ accumulates in float64; outputs agree to float32 rounding (tests/test_deploy.py)
 This file is written for TorchScript (no postponed annotations): `lowered_batch_norm` is
 compiled into scripted modules and saved with them, so they load without bnkit.
 """
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -35,8 +34,8 @@ def lowering() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
-def lowered_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def lowered_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                       weight: Tensor | None, bias: Tensor | None, eps: float,
                        axis: int) -> Tensor:
     """Batch norm in standard torch ops, channels at `axis` (negative counts from the end).
 
@@ -55,13 +54,13 @@ def lowered_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
     if cdt == torch.float16 or cdt == torch.bfloat16:
         cdt = torch.float32
     xc = x.to(cdt)
-    shape: List[int] = [1] * nd
+    shape: list[int] = [1] * nd
     shape[axis] = -1
     if running_mean is not None and running_var is not None:
         mean = running_mean.to(cdt).reshape(shape)
         var = running_var.to(cdt).reshape(shape)
     else:
-        dims: List[int] = []
+        dims: list[int] = []
         for d in range(nd):
             if d != axis:
                 dims.append(d)
@@ -76,7 +75,7 @@ def lowered_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: O
 
 
 def _all_dtype(dtype: torch.dtype, running_mean: Tensor, running_var: Tensor,
-               weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+               weight: Tensor | None, bias: Tensor | None) -> bool:
     """Every per-channel tensor has `dtype` (torch's batch_norm takes them as they are)."""
     if running_mean.dtype != dtype or running_var.dtype != dtype:
         return False

@@ -13,16 +13,15 @@ Training-mode behaviour (batch statistics with a running update, ghost chunks, B
 Renorm's r and d) is not compiled: a scripted layer called in training mode with running
 statistics raises; call `.eval()` on the scripted model (or script it in eval mode).
 """
-from typing import Optional
 
 from torch import Tensor
 
 from ..functional.export import lowered_batch_norm
 
 
-def scripted_batch_norm(input: Tensor, running_mean: Optional[Tensor],
-                        running_var: Optional[Tensor], weight: Optional[Tensor],
-                        bias: Optional[Tensor], eps: float, axis: int, training: bool,
+def scripted_batch_norm(input: Tensor, running_mean: Tensor | None,
+                        running_var: Tensor | None, weight: Tensor | None,
+                        bias: Tensor | None, eps: float, axis: int, training: bool,
                         chunked: bool = False) -> Tensor:
     """A BN layer's output in TorchScript: eval-mode BN with the running statistics, or BN
     with batch statistics for a layer without them. Raises for a call that would update
