@@ -28,6 +28,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from .. import kernels
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .export import refuse_trace
 from .normalize import normalize
 from .running import update_running
 from .stats import acc_dtype, batch_stats, mask_view
@@ -343,9 +344,7 @@ def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, ax
     if torch.compiler.is_compiling():
         return (*batch_norm_fwd(*args), False)
     if _tracing():  # the core lowers what it can (export.py); the kernels are invisible here
-        raise RuntimeError("torch.jit.trace cannot record bnkit's batch norm kernels (got a "
-                           "training-mode call, e.g. GhostBatchNorm's chunks); trace in eval "
-                           "mode (model.eval()), or use torch.export.export")
+        refuse_trace("a training-mode batch norm (got training=True)")
     if _forward_ad._current_level >= 0 or _functorch_active() and _derived_transform():
         return _derived_forward(*args, momentum)
     if _functorch_active():  # torch.func.grad & co: the setup_context form

@@ -98,8 +98,14 @@ def lowered_call(x, running_mean, running_var, weight, bias, training, eps, axis
     if torch.compiler.is_exporting():
         return None
     what = "a mask" if mask is not None else "running statistics to update"
+    refuse_trace(f"a training-mode batch norm with {what} (got training=True with {what})")
+
+
+def refuse_trace(what: str) -> None:
+    """Raise the error for a training-mode call torch.jit.trace cannot record; `what` names
+    the call and the value received."""
     raise RuntimeError(
-        f"torch.jit.trace (and torch.onnx.export with dynamo=False, which traces) cannot record "
-        f"a training-mode bnkit batch norm with {what}: the kernels are invisible to the "
-        f"tracer (got training=True with {what}); call model.eval() before tracing or "
-        "exporting, or use torch.export.export, which keeps bnkit's op for training")
+        f"torch.jit.trace (also torch.onnx.export with dynamo=False, which traces) cannot "
+        f"record {what}: bnkit's kernels are invisible to the tracer; call model.eval() "
+        "before tracing or exporting, or use torch.export.export, which keeps bnkit's op for "
+        "training")
