@@ -18,6 +18,10 @@ frames; it declines what it does not take and the path above runs.
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed
 differentiably from x, so autograd can take their derivative.
+
+Forward-mode AD and vmap (torch.func.jvp, jacfwd, hessian, vmap, torch.autograd.forward_ad)
+need a rule for every op: while one is active the forward runs as differentiable reference
+torch ops (`_derived_forward`) and torch derives the tangent and the batching rule.
 """
 from __future__ import annotations
 
@@ -203,8 +207,8 @@ class _FuncBatchNorm(torch.autograd.Function):
     """The same op for torch.func transforms (grad, jacrev, functional_call + grad, as in
     meta-learning), which accept only the setup_context form: it costs the argument binding
     `_EagerBatchNorm` avoids, so it is used only while a transform is active. Transforms
-    differentiate with create_graph, so the backward runs `_differentiable_bwd`. vmap has
-    no rule (the kernels are opaque): torch raises its own error for it."""
+    differentiate with create_graph, so the backward runs `_differentiable_bwd`. vmap and
+    jvp take `_derived_forward` instead (they need rules the opaque kernels cannot give)."""
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act):
