@@ -131,28 +131,39 @@ def _close(got, want):
 def saved(cases, tmp_path_factory):
     """Every case exported (torch.export), traced and scripted: the outputs in this process
     (key, kind, "here"), and in a fresh process where bnkit is not importable (key, kind)
-    after saving as .pt2 and TorchScript files and loading them there."""
+    after saving as .pt2 and TorchScript files and loading them there. The eval cases go
+    as one bundle (each export costs a fixed overhead), the folded bundle as another."""
     root = tmp_path_factory.mktemp("deploy")
-    inputs, here = {}, {}
-    for key, (model, x, _) in cases.items():
+    keys = [k for k in IDS if k != "folded"]
+    bundles = {"eval": (Bundle([cases[k][0] for k in keys]).eval(), [cases[k][1] for k in keys]),
+               "folded": cases["folded"][:2]}
+    inputs, outputs = {}, {}
+    for name, (model, xs) in bundles.items():
         with torch.no_grad():
-            ep = torch.export.export(model, _args(x))
+            ep = torch.export.export(model, (xs,))
             assert "bnkit" not in str(ep.graph_module.code)
             progs = {"pt2": ep.module(),
-                     "trace": _quiet(torch.jit.trace, model, _args(x), check_trace=False),
+                     "trace": _quiet(torch.jit.trace, model, (xs,), check_trace=False),
                      "script": _quiet(torch.jit.script, model)}
             for kind, prog in progs.items():
-                here[key, kind, "here"] = prog(*_args(x))
-        torch.export.save(ep, root / f"{key}.pt2")
-        progs["trace"].save(root / f"{key}.trace.pt")
-        progs["script"].save(root / f"{key}.script.pt")
-        inputs[key] = _args(x)
+                outputs[name, kind, "here"] = prog(xs)
+        torch.export.save(ep, root / f"{name}.pt2")
+        progs["trace"].save(root / f"{name}.trace.pt")
+        progs["script"].save(root / f"{name}.script.pt")
+        inputs[name] = (xs,)
     torch.save(inputs, root / "inputs.pt")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(root)], check=False,
                           capture_output=True, text=True, env=_env_without_bnkit(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bnkit not importable" in proc.stdout, proc.stdout
-    return {**torch.load(root / "outputs.pt"), **here}
+    outputs.update(torch.load(root / "outputs.pt"))
+    per_key = {}
+    for (name, kind, *where), out in outputs.items():
+        if name == "folded":
+            per_key[("folded", kind, *where)] = out
+        else:
+            per_key.update({(k, kind, *where): y for k, y in zip(keys, out)})
+    return per_key
 
 
 def _env_without_bnkit():
