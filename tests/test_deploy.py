@@ -245,6 +245,18 @@ def test_onnx_dynamo_exporter_runs_in_onnxruntime(cases, tmp_path):
     _close(_onnx_run(path, [xs]), want)
 
 
+def test_first_bnkit_call_of_a_process_may_be_under_torch_export():
+    """The kernels are imported on first use: that must not happen on fake tensors (it
+    failed with '.numpy() is not supported for tensor subclasses')."""
+    code = ("import torch, bnkit.nn as bnn\n"
+            "m = bnn.BatchNorm1d(4).eval()\n"
+            "x = torch.randn(8, 4)\n"
+            "torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), m(x))\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_dynamic_batch_size_exports():
     model, x = build(LAYERS[1])  # BatchNorm2d
     other = x[:3] * 0.5

@@ -228,3 +228,26 @@ def test_layer_jvp_and_forward_ad_match_torch_layer(training):
     for g, w in zip(got + (ours.running_mean, ours.running_var, ours.num_batches_tracked),
                     want + (ref.running_mean, ref.running_var, ref.num_batches_tracked)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+FIRST_CALL = """
+import torch, bnkit.nn as bnn
+from torch.func import grad, jvp
+m = bnn.BatchNorm1d(4, dtype=torch.float64).eval()
+ref = torch.nn.BatchNorm1d(4, dtype=torch.float64).eval()
+x = torch.randn(8, 4, dtype=torch.float64)
+f = {"grad": lambda m: grad(lambda x: m(x).pow(2).sum())(x),
+     "jvp": lambda m: jvp(m, (x,), (x,))[1]}[MODE]
+torch.testing.assert_close(f(m), f(ref))
+"""
+
+
+@pytest.mark.parametrize("mode", ["grad", "jvp"])
+def test_first_bnkit_call_of_a_process_may_be_under_a_transform(mode):
+    """The kernels are imported on first use: that must not happen inside the transform
+    (it failed with 'Cannot access data pointer of Tensor that doesn't have storage')."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", f"MODE = {mode!r}\n" + FIRST_CALL],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
