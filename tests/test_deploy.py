@@ -37,7 +37,8 @@ def _layers():
             *acts,
             ("frozen", 4, lambda: bnn.FrozenBatchNorm(C)),
             ("ghost", 4, lambda: bnn.GhostBatchNorm(C, virtual_batch_size=4)),
-            ("renorm", 4, lambda: bnn.BatchRenorm(C, momentum=0.3))]
+            ("renorm", 4, lambda: bnn.BatchRenorm(C, momentum=0.3)),
+            ("sync", 4, lambda: bnn.SyncBatchNorm(C))]
 
 
 LAYERS = _layers()
@@ -287,6 +288,18 @@ def test_trace_in_training_mode_with_running_stats_is_refused_and_touches_nothin
     with pytest.raises(RuntimeError, match=r"torch\.jit\.trace .* running statistics to "
                                            r"update .* call model\.eval\(\)"):
         _quiet(torch.jit.trace, model, (x,))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_legacy_onnx_export_in_training_mode_is_refused_and_touches_nothing(tmp_path):
+    model, x = build(LAYERS[1])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"cannot record a training-mode batch norm .* "
+                                           r"call model\.eval\(\)"):
+        _quiet(torch.onnx.export, model, (x,), str(tmp_path / "m.onnx"), dynamo=False,
+               training=torch.onnx.TrainingMode.PRESERVE)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
