@@ -42,6 +42,7 @@ def _layers():
 
 
 LAYERS = _layers()
+CASE = {c[0]: c for c in LAYERS}
 
 
 def _front(rank: int, channels_last: bool) -> nn.Module:
@@ -259,7 +260,7 @@ def test_first_bnkit_call_of_a_process_may_be_under_torch_export():
 
 
 def test_dynamic_batch_size_exports():
-    model, x = build(LAYERS[1])  # BatchNorm2d
+    model, x = build(CASE["bn2d"])  # BatchNorm2d
     other = x[:3] * 0.5
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with torch.no_grad():
@@ -267,9 +268,9 @@ def test_dynamic_batch_size_exports():
 
 
 def test_training_mode_export_keeps_the_op_and_matches_eager():
-    model, x = build(LAYERS[1])
+    model, x = build(CASE["bn2d"])
     model.train()
-    ref = build(LAYERS[1])[0].train()  # same seed: equal parameters and buffers
+    ref = build(CASE["bn2d"])[0].train()  # same seed: equal parameters and buffers
     ep = torch.export.export(model, (x,))
     assert "bnkit.batch_norm_fwd" in str(ep.graph_module.code)
     exported = ep.module()
@@ -282,7 +283,7 @@ def test_training_mode_export_keeps_the_op_and_matches_eager():
 
 
 def test_trace_in_training_mode_with_running_stats_is_refused_and_touches_nothing():
-    model, x = build(LAYERS[1])
+    model, x = build(CASE["bn2d"])
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"torch\.jit\.trace .* running statistics to "
@@ -293,7 +294,7 @@ def test_trace_in_training_mode_with_running_stats_is_refused_and_touches_nothin
 
 
 def test_legacy_onnx_export_in_training_mode_is_refused_and_touches_nothing(tmp_path):
-    model, x = build(LAYERS[1])
+    model, x = build(CASE["bn2d"])
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"cannot record a training-mode batch norm .* "
@@ -305,7 +306,7 @@ def test_legacy_onnx_export_in_training_mode_is_refused_and_touches_nothing(tmp_
 
 
 def test_trace_of_ghost_training_is_refused():
-    model, x = build(LAYERS[-2])
+    model, x = build(CASE["ghost"])
     model[1].track_running_stats = False
     model[1].running_mean = model[1].running_var = None
     with pytest.raises(RuntimeError, match=r"cannot record GhostBatchNorm in training mode"):
@@ -313,7 +314,7 @@ def test_trace_of_ghost_training_is_refused():
 
 
 def test_scripted_model_refuses_training_mode_and_works_after_eval():
-    model, x = build(LAYERS[1])
+    model, x = build(CASE["bn2d"])
     scripted = _quiet(torch.jit.script, model.train())
     assert model[1].training and isinstance(model[1], bnn.BatchNorm2d)  # model untouched
     with pytest.raises(torch.jit.Error, match="eval-mode batch norm only"):
@@ -323,7 +324,7 @@ def test_scripted_model_refuses_training_mode_and_works_after_eval():
 
 
 def test_scripted_layers_keep_state_dict_keys():
-    model, _ = build(LAYERS[4])
+    model, _ = build(CASE["act-identity"])
     scripted = _quiet(torch.jit.script, model)
     assert list(scripted.state_dict()) == list(model.state_dict())
 
