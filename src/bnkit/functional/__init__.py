@@ -9,8 +9,9 @@ import torch
 
 from . import checks
 from .activation import ACTIVATIONS, check_act
-from .autograd import bn_apply, native_apply
+from .autograd import advance, bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
+from .export import lowered_call, lowering
 from .normalize import normalize
 from .running import update_running
 from .stats import Stats, batch_stats, merge_many, merge_stats
@@ -113,6 +114,11 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     if input.numel() == 0:
         return _empty(input, weight, bias, axis, act)
     checks.check_enough_values(count, input, training, mask is not None)
+    if lowering():  # torch.export / torch.jit.trace: standard torch ops (export.py)
+        y = lowered_call(input, running_mean, running_var, weight, bias, training, eps, axis,
+                         mask, act)
+        if y is not None:
+            return y
     update = training and running_mean is not None
     if update and not torch.compiler.is_compiling():  # the update writes them in place:
         checks.check_writable(running_mean, running_var)  # refuse what it cannot, first
@@ -122,7 +128,7 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     if update and not blended:
         update_running(running_mean, running_var, mean, var, n, momentum)
     if update and counter is not None:
-        counter.add_(1)
+        advance(counter)
     return y
 
 

@@ -18,16 +18,23 @@ frames; it declines what it does not take and the path above runs.
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed
 differentiably from x, so autograd can take their derivative.
+
+Forward-mode AD and vmap (torch.func.jvp, jacfwd, hessian, vmap, torch.autograd.forward_ad)
+need a rule for every op: while one is active the forward runs as differentiable reference
+torch ops (`_derived_forward`) and torch derives the tangent and the batching rule.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import kernels
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine, padding_safe
-from .normalize import inv_std
-from .running import warn_nonfinite
+from .export import refuse_trace
+from .normalize import inv_std, normalize
+from .running import update_running, warn_nonfinite
 from .stats import acc_dtype, batch_stats, mask_view
 
 
@@ -203,8 +210,8 @@ class _FuncBatchNorm(torch.autograd.Function):
     """The same op for torch.func transforms (grad, jacrev, functional_call + grad, as in
     meta-learning), which accept only the setup_context form: it costs the argument binding
     `_EagerBatchNorm` avoids, so it is used only while a transform is active. Transforms
-    differentiate with create_graph, so the backward runs `_differentiable_bwd`. vmap has
-    no rule (the kernels are opaque): torch raises its own error for it."""
+    differentiate with create_graph, so the backward runs `_differentiable_bwd`. vmap and
+    jvp take `_derived_forward` instead (they need rules the opaque kernels cannot give)."""
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis, act):
@@ -220,6 +227,75 @@ class _FuncBatchNorm(torch.autograd.Function):
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_DERIVED = (_functorch.TransformType.Vmap, _functorch.TransformType.Jvp)
+
+
+def _derived_transform() -> bool:
+    """A torch.func vmap or jvp (also jacfwd, hessian) is active: these need rules for every
+    op, which opaque kernels cannot give, so the call runs `_derived_forward`."""
+    return any(i.key() in _DERIVED for i in _functorch.get_interpreter_stack() or ())
+
+
+def _vmapped(t) -> bool:
+    """t carries a vmap batch dimension at some level of functorch wrapping."""
+    while True:
+        if _functorch.is_batchedtensor(t):
+            return True
+        if not _functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = _functorch.get_unwrapped(t)
+
+
+def _derived_forward(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
+                     act, momentum):
+    """The forward in differentiable reference torch ops (`batch_stats`, `normalize`), for
+    forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and vmap: torch derives the
+    tangent and the batching rule from the ops, as it does for its own batch_norm. The
+    statistics returned for the running update are detached, so a buffer never gets a
+    tangent. With a `momentum` (training with running buffers) the buffers are blended here,
+    as torch's batch_norm does under forward-mode AD, and `blended` is True. Under vmap,
+    updating unbatched running buffers from a batched input is refused before anything is
+    touched, with torch's message for its own batch_norm."""
+    if momentum is not None and _vmapped(x) and not _vmapped(running_mean):
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, "
+            "which will be updated in place, were not batched (got a training-mode call with "
+            "running statistics under torch.func.vmap); set track_running_stats=False, use "
+            "eval mode, or vmap over batched running buffers too")
+    if training:
+        count, mean, var = batch_stats(x, axis, mask)
+    else:
+        count, mean, var = _running(running_mean, running_var, x)
+    y = normalize(x, mean, torch.rsqrt(var + eps), weight, bias, axis, act)
+    mean, var, count = _constant(mean), _constant(var), _constant(count)
+    if momentum is None or _functorch.is_functorch_wrapped_tensor(mean):
+        return y, mean, var, count, False  # a grad level is left: torch refuses the update
+    with torch._C._DisableFuncTorch():  # plain tensors into plain buffers, below the jvp
+        update_running(running_mean, running_var, mean, var, count, momentum)
+    return y, mean, var, count, True
+
+
+def advance(counter) -> None:
+    """A layer's step count + 1, after a successful training call with running buffers;
+    under torch.func transforms below their levels, like the buffers' blend (only jvp gets
+    this far: vmap and grad refuse the blend first)."""
+    if _functorch_active():
+        with torch._C._DisableFuncTorch():
+            counter.add_(1)
+    else:
+        counter.add_(1)
+
+
+def _constant(t):
+    """A statistic as the running update takes it: detached, and unwrapped from the
+    torch.func.jvp levels, so updating captured buffers works under jvp as it does for
+    torch's batch_norm (grad levels stay: torch refuses that update under grad)."""
+    t = t.detach()
+    stack = _functorch.get_interpreter_stack() or ()
+    jvp_levels = {i.level() for i in stack if i.key() == _functorch.TransformType.Jvp}
+    while _functorch.is_gradtrackingtensor(t) and _functorch.maybe_get_level(t) in jvp_levels:
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _needs_graph(x, weight, bias) -> bool:
@@ -245,8 +321,12 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
             or type(axis) is not int or type(training) is not bool
             or not isinstance(x, torch.Tensor)):
         return None
+    # before native_module(): its first call imports the kernels, which must not happen
+    # under a transform, a tracer or fake tensors
+    if _compiling() or _functorch_active() or _tracing() or _forward_ad._current_level >= 0:
+        return None
     native = kernels.native_module()
-    if native is None or _compiling() or _functorch_active():
+    if native is None:
         return None
     nd = x.dim()
     if nd < 2 or not -nd <= axis < nd:
@@ -270,6 +350,7 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
 
 _NATIVE_ACTS = ("identity", "relu")
 _compiling = torch.compiler.is_compiling
+_tracing = torch._C._is_tracing  # torch.jit.trace records the call (the core lowers it)
 
 
 def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, axis,
@@ -281,6 +362,10 @@ def bn_apply(x, weight, bias, running_mean, running_var, mask, training, eps, ax
     args = (x, weight, bias, running_mean, running_var, mask, training, eps, axis, act)
     if torch.compiler.is_compiling():
         return (*batch_norm_fwd(*args), False)
+    if _tracing():  # the core lowers what it can (export.py); the kernels are invisible here
+        refuse_trace("a training-mode batch norm (got training=True)")
+    if _forward_ad._current_level >= 0 or _functorch_active() and _derived_transform():
+        return _derived_forward(*args, momentum)
     if _functorch_active():  # torch.func.grad & co: the setup_context form
         return (*_FuncBatchNorm.apply(*args), False)
     if not _needs_graph(x, weight, bias):  # inference: no autograd node to build

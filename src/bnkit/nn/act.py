@@ -92,6 +92,8 @@ class BatchNormAct(NormBase):
         self.act = module
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self.act(self._scripted(input))
         y = self._batch_norm(input, mask, self.fused or "identity")
         if self.fused is not None:
             return y

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import functional as F
 from ..errors import BNShapeError, BNTypeError, BNValueError
+from .export import scripted_batch_norm
 
 
 class NormBase(nn.Module):
@@ -118,6 +119,11 @@ class NormBase(nn.Module):
         batch_stats = self.training or b["running_mean"] is None  # _uses_batch_stats()
         return F.counted_batch_norm(input, rm, rv, p["weight"], p["bias"], batch_stats,
                                     momentum, self.eps, self.axis, mask, act, counter)
+
+    def _scripted(self, input: torch.Tensor, chunked: bool = False) -> torch.Tensor:
+        """What torch.jit.script compiles for this layer (`bnkit.nn.export`)."""
+        return scripted_batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                   self.bias, float(self.eps), self.axis, self.training, chunked)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

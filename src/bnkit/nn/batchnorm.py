@@ -50,6 +50,8 @@ class BatchNorm(NormBase, _BatchNorm):
                              "dimension")
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input)
         self._check_input_dim(input)
         return self._batch_norm(input, mask)
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import functional as F
 from .base import _check_constructor, _unwrap_converted
+from .export import scripted_batch_norm
 
 _KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -53,6 +54,9 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize with the frozen statistics; `mask` is accepted (and checked) for
         interface parity with BatchNorm, but fixed statistics make it irrelevant."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return scripted_batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                       self.bias, float(self.eps), self.axis, False)
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps, axis=self.axis, mask=mask)
 

@@ -7,6 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import functional as F
 from ..functional import _validate, update_running
 from ..functional.autograd import bn_apply
+from ..functional.export import refuse_trace
 from ..functional.stats import Stats, merge_many
 from .base import NormBase
 
@@ -75,9 +76,13 @@ class GhostBatchNorm(NormBase, _BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input, chunked=True)
         if not self._uses_batch_stats():  # eval: plain BN with the running statistics
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps, axis=self.axis, mask=mask)
+        if torch.jit.is_tracing():  # per-chunk statistics do not lower (functional/export.py)
+            refuse_trace("GhostBatchNorm in training mode (got training=True)")
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         axis = _validate(input, rm, rv, self.weight, self.bias, True, momentum, self.eps,

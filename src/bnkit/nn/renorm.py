@@ -115,6 +115,8 @@ class BatchRenorm(NormBase, _BatchNorm):
         return float(r_max), float(d_max)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         training = self._uses_batch_stats()

@@ -79,6 +79,8 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
+            return self._scripted(input)
         group = self._sync_group()
         if group is None:
             self._check_input_dim(input)
