@@ -179,7 +179,7 @@ def test_torch_convert_sync_batchnorm_other_axis_and_recurrent_fail_loudly():
         conv(torch.randn(2, 3, 4))
     cell = nn.SyncBatchNorm.convert_sync_batchnorm(bnkit.nn.BNLSTMCell(3, 4, max_steps=2))
     h = torch.zeros(2, 4)
-    with pytest.raises(TypeError):
+    with pytest.raises((TypeError, AttributeError)):  # no per-time-step statistics
         cell(torch.randn(2, 3), (h, h), 0)
 
 
