@@ -19,6 +19,7 @@ from . import store
 EXPERIMENTS = {
     "convergence": "convergence",
     "init": "init",
+    "gradients": "gradients",
     "batch-size": "batch_size",
     "robustness": "robustness",
     "transfer": "transfer",
