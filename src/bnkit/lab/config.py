@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "init": "init",
     "gradients": "gradients",
     "batch-size": "batch_size",
+    "non-iid": "non_iid",
     "robustness": "robustness",
     "transfer": "transfer",
     "inference": "inference",
