@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "gradients": "gradients",
     "batch-size": "batch_size",
     "non-iid": "non_iid",
+    "regularization": "regularization",
     "robustness": "robustness",
     "transfer": "transfer",
     "inference": "inference",
