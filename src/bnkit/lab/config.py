@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "convergence": "convergence",
     "init": "init",
     "gradients": "gradients",
+    "ics": "ics",
     "batch-size": "batch_size",
     "non-iid": "non_iid",
     "regularization": "regularization",
