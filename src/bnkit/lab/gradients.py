@@ -46,8 +46,8 @@ PROFILES = {
               "cnn_width": 8, "steps": 10, "probe_steps": [0, 1, 10],
               "train_subset": 10000},
     "full": {**_BASE, "width": 256, "archs": ["mlp", "cnn"], "depths": [4, 8, 16, 32, 64],
-             "cnn_depths": [4, 8, 16, 32], "cnn_width": 16, "cnn_pool": 2, "steps": 200,
-             "probe_steps": [0, 1, 10, 50, 200], "train_subset": None},
+             "cnn_depths": [4, 8, 16, 32], "cnn_width": 16, "steps": 100,
+             "probe_steps": [0, 1, 10, 100], "train_subset": None},
 }
 PROFILES["mini"]["cnn_width"] = 4
 
