@@ -38,18 +38,17 @@ LABELS = {"none": "no BN", "bn": "BN", "bn_res": "BN + residual"}
 ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 _BASE = {"width": 64, "batch": 64, "lr": 0.01, "momentum": 0.9, "acts": ["relu", "tanh"],
-         "norms": list(NORMS), "cnn_pool": 4}
+         "norms": list(NORMS), "cnn_width": 8, "cnn_pool": 4}
 PROFILES = {
-    "mini": {**_BASE, "width": 8, "batch": 16, "archs": ["mlp", "cnn"], "depths": [2, 4],
-             "cnn_depths": [2], "steps": 2, "probe_steps": [0, 2], "train_subset": 64},
+    "mini": {**_BASE, "width": 8, "cnn_width": 4, "batch": 16, "archs": ["mlp", "cnn"],
+             "depths": [2, 4], "cnn_depths": [2], "steps": 2, "probe_steps": [0, 2],
+             "train_subset": 64},
     "quick": {**_BASE, "archs": ["mlp", "cnn"], "depths": [4, 16, 64], "cnn_depths": [4, 16],
-              "cnn_width": 8, "steps": 10, "probe_steps": [0, 1, 10],
-              "train_subset": 10000},
-    "full": {**_BASE, "width": 256, "archs": ["mlp", "cnn"], "depths": [4, 8, 16, 32, 64],
-             "cnn_depths": [4, 8, 16, 32], "cnn_width": 16, "steps": 100,
-             "probe_steps": [0, 1, 10, 100], "train_subset": None},
+              "steps": 10, "probe_steps": [0, 1, 10], "train_subset": 10000},
+    "full": {**_BASE, "width": 128, "archs": ["mlp", "cnn"], "depths": [4, 8, 16, 32, 64],
+             "cnn_depths": [4, 8, 16, 32], "cnn_width": 16, "steps": 50,
+             "probe_steps": [0, 1, 10, 50], "train_subset": None},
 }
-PROFILES["mini"]["cnn_width"] = 4
 
 
 def requires(cfg: dict) -> str | None:

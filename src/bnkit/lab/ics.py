@@ -46,7 +46,7 @@ PROFILES = {
     "mini": {**_BASE, "hidden": 16, "depth": 3, "batch": 16, "steps": 20, "probe_every": 10,
              "test_subset": 64},
     "quick": {**_BASE, "steps": 400, "probe_every": 40, "test_subset": 2000},
-    "full": {**_BASE, "depth": 6, "steps": 3000, "probe_every": 150, "test_subset": None},
+    "full": {**_BASE, "depth": 6, "steps": 1500, "probe_every": 100, "test_subset": None},
 }
 
 

@@ -44,7 +44,7 @@ PROFILES = {
              "train_subset": None, "test_subset": 64},
     "quick": {**_BASE, "steps": 500, "eval_every": 50, "train_subset": None,
               "test_subset": 2000},
-    "full": {**_BASE, "hidden": 256, "depth": 3, "steps": 6000, "eval_every": 300,
+    "full": {**_BASE, "hidden": 256, "steps": 1500, "eval_every": 100,
              "train_subset": None, "test_subset": None},
 }
 

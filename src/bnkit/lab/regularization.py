@@ -48,7 +48,7 @@ PROFILES = {
              "train_subset": 64, "test_subset": 64},
     "quick": {**_BASE, "steps": 300, "eval_every": 50, "train_subset": 1000,
               "test_subset": 2000},
-    "full": {**_BASE, "hidden": 512, "steps": 4000, "eval_every": 200, "train_subset": 2000,
+    "full": {**_BASE, "hidden": 256, "steps": 1000, "eval_every": 100, "train_subset": 2000,
              "test_subset": None},
 }
 
