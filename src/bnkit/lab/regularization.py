@@ -70,7 +70,8 @@ def make_model(reg: str, hidden: int, p: float, in_features: int = 784,
         ['Linear', 'BatchNorm1d', 'ReLU', 'Linear', 'BatchNorm1d', 'ReLU', 'Dropout', 'Linear']
     """
     if reg not in VARIANTS:
-        raise ValueError(f"unknown regularization variant {reg!r}: expected one of {VARIANTS}")
+        raise ValueError(f"unknown regularization variant {reg!r}: expected one of {VARIANTS}; "
+                         "pass one of those names")
     torch.manual_seed(seed)
     bn = reg.startswith("bn")
     layers, width = [], in_features
