@@ -19,7 +19,11 @@ from . import store
 EXPERIMENTS = {
     "convergence": "convergence",
     "init": "init",
+    "gradients": "gradients",
+    "ics": "ics",
     "batch-size": "batch_size",
+    "non-iid": "non_iid",
+    "regularization": "regularization",
     "robustness": "robustness",
     "transfer": "transfer",
     "inference": "inference",
