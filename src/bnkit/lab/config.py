@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "transfer": "transfer",
     "inference": "inference",
     "recurrent": "recurrent",
+    "vae": "vae",
     "kernels": "kernels",
 }
 PROFILES = ("mini", "quick", "full")
