@@ -41,10 +41,9 @@ PROFILES = {
              "eps": [0.01, 0.05], "pgd_steps": 2, "sigmas": [0.1]},
     "quick": {**_BASE, "eps": [0.01, 0.02, 0.04], "pgd_steps": 5, "train_subset": None,
               "test_subset": 400},
-    "full": {**_BASE, "widths": [16, 32], "target": 0.88, "check_every": 100,
-             "max_steps": 5000, "val": 5000, "train_subset": None, "test_subset": None,
-             "eps": [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08], "pgd_steps": 20,
-             "sigmas": [0.05, 0.1, 0.2, 0.3, 0.4]},
+    "full": {**_BASE, "target": 0.85, "check_every": 100, "max_steps": 3000, "val": 5000,
+             "train_subset": None, "test_subset": 2000, "eps": [0.0025, 0.005, 0.01, 0.02, 0.04],
+             "pgd_steps": 10, "sigmas": [0.05, 0.1, 0.2, 0.3, 0.4]},
 }
 
 
