@@ -141,10 +141,11 @@ class RowDecoder(nn.Module):
                                  bnn.BatchNorm1d(hidden) if bn else nn.Identity(), nn.ReLU(),
                                  nn.Linear(hidden, side))
 
-    def _logits(self, above: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """above (N, T, 2S): the two rows above each of T rows -> logits (N, T, S)."""
+    def _logits(self, above: torch.Tensor, z: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """above (N, T, 2S): the two rows above each of rows first..first+T-1 -> their
+        logits (N, T, S)."""
         n, t, _ = above.shape
-        h = self.rows_in(above) + self.z_in(z)[:, None] + self.where[:t]
+        h = self.rows_in(above) + self.z_in(z)[:, None] + self.where[first:first + t]
         h = self.norm(h.reshape(n * t, -1))
         return self.out(h).reshape(n, t, self.side)
 
@@ -159,10 +160,7 @@ class RowDecoder(nn.Module):
         rows = torch.zeros(n, s + 2, s, dtype=z.dtype)
         for t in range(s):
             above = torch.cat([rows[:, t + 1], rows[:, t]], -1)[:, None]
-            # the embedding of row t: slice `where` through _logits with a one-row view
-            h = self.rows_in(above) + self.z_in(z)[:, None] + self.where[t]
-            logits = self.out(self.norm(h.reshape(n, -1)))
-            rows[:, t + 2] = torch.sigmoid(logits)
+            rows[:, t + 2] = torch.sigmoid(self._logits(above, z, t)[:, 0])
         return rows[:, 2:].reshape(n, -1)
 
 
