@@ -68,7 +68,7 @@ def test_stuck_runs_are_named():
     recs = _records([0.1, 0.1, 0.1], [0.7, 0.7, 0.7])
     recs[0]["metrics"]["last_loss"] = 2.3  # BN, batch 2, seed 0
     text = " ".join(norms.summarize(cfg, recs).paragraphs)
-    assert "did not train at lr 0.01: BN at batch 2 (1 of 3 seeds)." in text
+    assert "did not train: BN at batch 2 (1 of 3 seeds)." in text
 
 
 @pytest.mark.parametrize("kind", ["layer", "instance", "group"])
@@ -108,3 +108,10 @@ def test_step_clock_takes_the_median_step():
     assert clock.median() == 0.002
     clock.advance()
     assert clock.bar.n == 1 and len(clock.times) == 4
+
+
+def test_learning_rate_scales_with_the_square_root_of_the_batch():
+    cfg = norms.PROFILES["quick"]
+    assert norms.lr_at(cfg, 32) == pytest.approx(0.02)
+    assert norms.lr_at(cfg, 2) == pytest.approx(0.02 / 4)
+    assert norms.lr_at(cfg, 8) == pytest.approx(0.01)

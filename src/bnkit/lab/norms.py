@@ -4,16 +4,19 @@ at batch sizes from 2 to 64 (Wu & He 2018, Table 1 and Figure 1).
 The lab's two-block CNN [conv3x3 -> norm -> ReLU -> maxpool2] with one normalization layer
 per block: bnkit BatchNorm2d, or torch's own nn.LayerNorm over (C, H, W), nn.InstanceNorm2d
 (affine) and nn.GroupNorm (G groups), or nothing. Every run takes the same number of SGD
-steps at the same learning rate, so a larger batch also sees more examples; the claim is
-about how the norms differ at each batch size, and how much each loses as the batch shrinks.
-(Wu & He keep the epochs fixed and scale the learning rate with the batch instead; at the
-quick profile's budget that leaves the large batches a few dozen steps.) Measured: test
+steps, with the learning rate scaled by sqrt(batch / 32) (Hoffer et al. 2017, so the
+gradient noise per step is about the same at every batch), and a larger batch also sees
+more examples; the claim is about how the norms differ at each batch size, and how much
+each loses as the batch shrinks. (Wu & He keep the epochs fixed and scale the learning rate
+linearly instead; at the quick profile's budget that leaves the large batches a few dozen
+steps.) Measured: test
 accuracy (BN in eval mode uses its running statistics) and the process CPU time per
 training step (the median over the steps, so a one-time cost such as kernel compilation
 does not count; one thread, so other processes on the machine do not count either).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -32,11 +35,12 @@ CLAIM = ("BN's accuracy falls as the batch shrinks to a few examples while Group
 NORMS = ("bn", "layer", "instance", "group", "none")
 LABELS = {"bn": "BN", "layer": "LN", "instance": "IN", "group": "GN", "none": "no norm"}
 
-_BASE = {"widths": [8, 16], "groups": 4, "lr": 0.01, "momentum": 0.9, "norms": list(NORMS)}
+_BASE = {"widths": [8, 16], "groups": 4, "lr": 0.02, "lr_batch": 32, "momentum": 0.9,
+         "norms": list(NORMS)}
 PROFILES = {
     "mini": {**_BASE, "widths": [4, 8], "batches": [2, 8], "steps": 8, "train_subset": 128,
              "test_subset": 64},
-    "quick": {**_BASE, "batches": [2, 8, 32], "steps": 90, "train_subset": None,
+    "quick": {**_BASE, "batches": [2, 8, 32], "steps": 80, "train_subset": None,
               "test_subset": 1000},
     "full": {**_BASE, "batches": [2, 4, 8, 16, 32, 64], "steps": 400, "train_subset": None,
              "test_subset": None},
@@ -75,6 +79,11 @@ def norm_layer(kind: str, groups: int):
     return build
 
 
+def lr_at(cfg: dict, batch: int) -> float:
+    """The learning rate at `batch`: lr * sqrt(batch / lr_batch) (Hoffer et al. 2017)."""
+    return cfg["lr"] * math.sqrt(batch / cfg["lr_batch"])
+
+
 def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     data = subset(ctx.data(), cfg["train_subset"], cfg["test_subset"])
     norm, batch = variant["norm"], variant["batch"]
@@ -82,7 +91,7 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     x, steps = images(data.x_train), cfg["steps"]
     with ctx.bar(steps, f"{LABELS[norm]}, batch {batch}") as bar:
         clock = StepClock(bar)
-        rows = fit(model, x, data.y_train, steps=steps, batch=batch, lr=cfg["lr"],
+        rows = fit(model, x, data.y_train, steps=steps, batch=batch, lr=lr_at(cfg, batch),
                    momentum=cfg["momentum"], seed=seed, bar=clock, eval_every=steps // 4,
                    eval_fn=lambda m: {})
     return {"acc": evaluate(model, images(data.x_test), data.y_test, 500),
@@ -152,7 +161,7 @@ def _others(cfg, groups) -> str:
     times = [f"{LABELS[n]} {mean(metric(groups.get((n, large), []), 'ms_per_step')):.1f} ms"
              for n in cfg["norms"]]
     return (f"Test accuracy at batch {small} / {large}, every run "
-            f"{cfg['steps']:,} steps at lr {cfg['lr']:g}: " + ", ".join(parts) + ". CPU time per "
+            f"{cfg['steps']:,} steps at lr {cfg['lr']:g} x sqrt(batch / {cfg['lr_batch']}): " + ", ".join(parts) + ". CPU time per "
             f"training step at batch {large} (median, one thread): " + ", ".join(times) + ".")
 
 
@@ -171,7 +180,7 @@ def _stuck(cfg, groups) -> str:
     if not stuck:
         return ""
     return (f" Runs whose training loss over the last quarter stayed at or above {STUCK} "
-            f"(chance is ln 10 = 2.30) did not train at lr {cfg['lr']:g}: "
+            f"(chance is ln 10 = 2.30) did not train: "
             + "; ".join(stuck) + ".")
 
 
