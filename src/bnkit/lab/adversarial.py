@@ -42,7 +42,7 @@ PROFILES = {
     "quick": {**_BASE, "eps": [0.01, 0.02, 0.04], "pgd_steps": 5, "train_subset": None,
               "test_subset": 400},
     "full": {**_BASE, "target": 0.85, "check_every": 100, "max_steps": 3000, "val": 5000,
-             "train_subset": None, "test_subset": 2000, "eps": [0.0025, 0.005, 0.01, 0.02, 0.04],
+             "train_subset": None, "test_subset": 1000, "eps": [0.0025, 0.005, 0.01, 0.02, 0.04],
              "pgd_steps": 10, "sigmas": [0.05, 0.1, 0.2, 0.3, 0.4]},
 }
 

@@ -42,7 +42,7 @@ PROFILES = {
              "test_subset": 64},
     "quick": {**_BASE, "batches": [2, 8, 32], "steps": 80, "train_subset": None,
               "test_subset": 1000},
-    "full": {**_BASE, "batches": [2, 4, 8, 16, 32, 64], "steps": 400, "train_subset": None,
+    "full": {**_BASE, "batches": [2, 4, 8, 16, 32, 64], "steps": 300, "train_subset": None,
              "test_subset": None},
 }
 

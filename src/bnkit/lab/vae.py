@@ -57,7 +57,7 @@ PROFILES = {
     "mini": {**_BASE, "hidden": 16, "latent": 4, "batch": 16, "steps": 6, "train_subset": 128,
              "test_subset": 64, "show": 3},
     "quick": {**_BASE, "steps": 220, "train_subset": None, "test_subset": 1000},
-    "full": {**_BASE, "hidden": 128, "lr": 1e-3, "steps": 1500, "train_subset": None,
+    "full": {**_BASE, "hidden": 128, "lr": 1e-3, "steps": 1000, "train_subset": None,
              "test_subset": None},
 }
 
