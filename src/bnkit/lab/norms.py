@@ -195,7 +195,7 @@ def _figure(cfg, groups):
                                   for k in batches], LABELS[n], plots.COLORS[i], style)
     for ax in (a, b):
         plots.log_x(ax, batches, 2)
-    plots.finish(a, f"test accuracy after {cfg['steps']:,} steps",
+    plots.finish(a, f"test accuracy after {cfg['steps']:,} steps (lr ~ sqrt(batch))",
                  "batch size", "%")
     plots.finish(b, "CPU time per training step (one thread)", "batch size", "ms")
     return fig
