@@ -24,10 +24,13 @@ EXPERIMENTS = {
     "batch-size": "batch_size",
     "non-iid": "non_iid",
     "regularization": "regularization",
+    "norms": "norms",
     "robustness": "robustness",
+    "adversarial": "adversarial",
     "transfer": "transfer",
     "inference": "inference",
     "recurrent": "recurrent",
+    "vae": "vae",
     "kernels": "kernels",
 }
 PROFILES = ("mini", "quick", "full")

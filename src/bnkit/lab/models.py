@@ -39,13 +39,15 @@ def norm2d(kind: str, channels: int, **kw) -> nn.Module:
                      "those names")
 
 
-def make_cnn(widths=(16, 32), norm: str = "bn", classes: int = 10, side: int = 28,
+def make_cnn(widths=(16, 32), norm="bn", classes: int = 10, side: int = 28,
              seed: int = 0, **norm_kw) -> nn.Sequential:
     """Two conv blocks [conv3x3 -> norm -> ReLU -> maxpool2] and a linear classifier.
 
-    Convs feeding a norm layer have no bias (the norm's shift replaces it). Weights are
-    drawn after torch.manual_seed(seed), so the same seed gives the same convs for every
-    norm kind.
+    `norm` is a kind of `norm2d`, or a callable (channels, side) -> nn.Module for layers
+    that need the feature map's side (e.g. torch's LayerNorm over (C, H, W)); side is the
+    height and width the layer sees. Convs feeding a norm layer have no bias (the norm's
+    shift replaces it). Weights are drawn after torch.manual_seed(seed), so the same seed
+    gives the same convs for every norm kind.
 
     Shape: input (N, 1, side, side), output (N, classes).
 
@@ -54,11 +56,12 @@ def make_cnn(widths=(16, 32), norm: str = "bn", classes: int = 10, side: int = 2
         torch.Size([2, 10])
     """
     torch.manual_seed(seed)
-    layers, c_in = [], 1
+    layers, c_in, at = [], 1, side
     for width in widths:
+        layer = norm(width, at) if callable(norm) else norm2d(norm, width, **norm_kw)
         layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=norm == "none"),
-                   norm2d(norm, width, **norm_kw), nn.ReLU(), nn.MaxPool2d(2)]
-        c_in = width
+                   layer, nn.ReLU(), nn.MaxPool2d(2)]
+        c_in, at = width, at // 2
     side = side // 2 ** len(widths)
     layers += [nn.Flatten(), nn.Linear(c_in * side * side, classes)]
     return nn.Sequential(*layers)
