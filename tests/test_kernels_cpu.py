@@ -467,7 +467,8 @@ def _bench_args(**kw):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("threads", 0, r"--threads must be >= 1 \(got 0\)"),
+    ("threads", 0, r"--threads must be an integer from 1 to \d+ \(4 per CPU core"),
+    ("threads", 100000, r"this machine has \d+\), got 100000"),
     ("repeats", 0, r"--repeats must be >= 1 and --warmup >= 0 \(got 0 and 0\)"),
     ("shapes", "8", r"at least N and C.*\(got '8'\)")])
 def test_bench_rejects_bad_options(field, value, message):

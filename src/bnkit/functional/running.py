@@ -65,14 +65,18 @@ def _blend(running_mean, running_var, mean, var, count, momentum):
 
 def _finite_channels(mean, var):
     """None when every channel's statistics are finite (the common case: one check on the
-    (C,) sum, no per-channel mask), else the (C,) mask of finite channels. While tracing, or
-    off the CPU, the mask always (no host sync)."""
+    (C,) sum, no per-channel mask), else the (C,) mask of finite channels. While tracing,
+    under a torch.func transform, or off the CPU, the mask always (no host sync)."""
     both = mean + var  # non-finite where either is (inf - inf is nan)
-    if torch.compiler.is_compiling() or not both.is_cpu:
+    if torch.compiler.is_compiling() or not both.is_cpu or _transformed():
         return torch.isfinite(both)
     if bool(torch.isfinite(both.sum())):
         return None
     return torch.isfinite(mean) & torch.isfinite(var)
+
+
+# vmap / jvp: a Python bool of a batched tensor is data-dependent control flow (refused)
+_transformed = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _keep_bad(new, running, ok):
@@ -82,7 +86,7 @@ def _keep_bad(new, running, ok):
 
 def _warn_if_bad(running, mean, var, ok) -> None:
     if ok is not None and not torch.compiler.is_compiling() and ok.is_cpu and \
-            not bool(ok.all()):
+            not _transformed() and not bool(ok.all()):
         warn_nonfinite(running, mean, var)
 
 
