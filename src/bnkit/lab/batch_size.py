@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from . import plots
 from .models import make_cnn
-from .sections import Section, Table, by, finite, fmt, mean, metric, pct, verdict_of
+from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, metric, pct
 from .train import evaluate, fit, images, subset
 
 NAME = "batch-size"
@@ -89,27 +89,35 @@ def _err(groups, norm: str, k) -> float:
     return mean(metric(groups.get((norm, k), []), "test_err"))
 
 
-def _text(cfg, groups, flags) -> list[str]:
+def _errs(groups, norm: str, k) -> list:
+    return metric(groups.get((norm, k), []), "test_err")
+
+
+def _pts(a, b) -> str:
+    return evidence(a, b, 100, unit=" points")
+
+
+def _text(cfg, groups, checks) -> list[str]:
     small, big = min(cfg["norm_batches"]), cfg["batch"]
-    bn_small, bn_big = _err(groups, "bn", small), _err(groups, "bn", big)
+    bn_small, bn_big = _errs(groups, "bn", small), _errs(groups, "bn", big)
     out = []
-    if finite(bn_small, bn_big):  # both measured
-        flags.append(bn_small > bn_big)
-        out.append(f"BN's test error went from {pct(bn_big)} with {big} examples per "
-                   f"normalization to {pct(bn_small)} with {small} "
-                   f"({100 * (bn_small - bn_big):+.1f} points): the claimed small-batch "
-                   f"penalty {'appears' if bn_small > bn_big else 'does NOT appear'} in this run.")
-    gn = _err(groups, "group", big)
-    if finite(gn, bn_small):
-        flags.append(gn < bn_small)
-        out.append(f"GroupNorm (no batch statistics): {pct(gn)}, "
-                   f"{'better' if gn < bn_small else 'NOT better'} than BN at {small} examples.")
-    brn = _err(groups, "renorm", small)
-    if finite(brn, bn_small):
-        flags.append(brn < bn_small)
-        out.append(f"BatchRenorm at {small} examples: {pct(brn)} vs BN {pct(bn_small)}, so "
-                   f"renormalization {'reduced' if brn < bn_small else 'did NOT reduce'} the "
-                   "small-batch error here.")
+    if finite(mean(bn_small), mean(bn_big)):  # both measured
+        checks.append(compare(bn_small, bn_big, "a > b"))
+        out.append(f"BN's test error went from {pct(mean(bn_big))} with {big} examples per "
+                   f"normalization to {pct(mean(bn_small))} with {small}. The small-batch "
+                   f"penalty: {checks[-1]} (error at {small} minus at {big}: "
+                   f"{_pts(bn_small, bn_big)}).")
+    gn = _errs(groups, "group", big)
+    if finite(mean(gn), mean(bn_small)):
+        checks.append(compare(gn, bn_small, "a < b"))
+        out.append(f"GroupNorm (no batch statistics): {pct(mean(gn))}. Better than BN at "
+                   f"{small} examples: {checks[-1]} (GroupNorm minus BN: {_pts(gn, bn_small)}).")
+    brn = _errs(groups, "renorm", small)
+    if finite(mean(brn), mean(bn_small)):
+        checks.append(compare(brn, bn_small, "a < b"))
+        out.append(f"BatchRenorm at {small} examples: {pct(mean(brn))} vs BN "
+                   f"{pct(mean(bn_small))}. Renormalization reduces the small-batch error: "
+                   f"{checks[-1]} (BatchRenorm minus BN: {_pts(brn, bn_small)}).")
     ghost = _err(groups, "ghost", small)
     if finite(ghost):
         out.append(f"GhostBatchNorm at {small} examples (one forward pass, same training "
@@ -135,8 +143,8 @@ def _figure(cfg, groups):
 
 def summarize(cfg: dict, records: list[dict]) -> Section:
     groups = by(records, "norm", "norm_batch")
-    flags: list[bool] = []
-    paragraphs = _text(cfg, groups, flags)
+    checks: list[str] = []
+    paragraphs = _text(cfg, groups, checks)
     norms = cfg["norms"]
     rows = [[str(k)] + [fmt(metric(groups.get((n, cfg["batch"] if n == "group" else k), []),
                                    "test_err"), 100) for n in norms]
@@ -145,5 +153,5 @@ def summarize(cfg: dict, records: list[dict]) -> Section:
     headline = (f"BN error {pct(_err(groups, 'bn', cfg['batch']))} at k={cfg['batch']} vs "
                 f"{pct(_err(groups, 'bn', small))} at k={small}; GN "
                 f"{pct(_err(groups, 'group', cfg['batch']))}")
-    return Section(NAME, TITLE, CLAIM, headline, verdict_of(flags), paragraphs,
+    return Section(NAME, TITLE, CLAIM, headline, combine(checks), paragraphs,
                    Table(["k"] + [f"{n} error %" for n in norms], rows), _figure(cfg, groups))

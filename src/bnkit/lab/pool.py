@@ -96,8 +96,8 @@ class Pool:
                 w[2] = None
             except (EOFError, OSError):
                 w[0].join(1)
-                out.append((w[2], False, f"the worker process died (exit code "
-                                         f"{w[0].exitcode}) while running this cell"))
+                why = f"the worker process died (exit code {w[0].exitcode}) running this cell"
+                out.append((w[2], False, why))
                 w[1].close()
                 self._workers[i] = self._start()
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import plots
 from .corruptions import LEVELS, corrupt
 from .models import make_cnn
-from .sections import Section, Table, by, finite, fmt, mean, pct, verdict_of
+from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, pct
 from .train import evaluate, fit, images, subset
 
 NAME = "robustness"
@@ -91,7 +91,16 @@ def _err(groups, corruption: str, method: str) -> float:
     return mean([r["metrics"]["mean_err"].get(method) for r in groups.get((corruption,), [])])
 
 
-def _text(cfg, groups, flags) -> list[str]:
+def seed_errors(groups, names, method: str) -> list[float]:
+    """Per seed: the mean error over the corruptions `names` (seeds that finished them all)."""
+    per: dict[int, list[float]] = {}
+    for c in names:
+        for rec in groups.get((c,), []):
+            per.setdefault(rec["seed"], []).append(rec["metrics"]["mean_err"][method])
+    return [mean(v) for v in per.values() if len(v) == len(names)]
+
+
+def _text(cfg, groups, checks) -> list[str]:
     names = [c for c in cfg["corruptions"] if (c,) in groups]
     if not names:
         return ["No corrupted test set has finished yet."]
@@ -100,11 +109,14 @@ def _text(cfg, groups, flags) -> list[str]:
     out = [f"Clean test error {pct(clean)}. Mean error over {len(names)} corruptions x "
            f"{len(cfg['severities'])} severities: "
            + ", ".join(f"{m} {pct(avg[m])}" for m in cfg["methods"]) + "."]
+    source = seed_errors(groups, names, "source")
     for m in (m for m in cfg["methods"] if m != "source"):
         better = [c for c in names if _err(groups, c, m) < _err(groups, c, "source")]
-        flags.append(len(better) > len(names) / 2)
-        out.append(f"{m} lowered the error relative to the training statistics on "
-                   f"{len(better)} of {len(names)} corruptions"
+        errs = seed_errors(groups, names, m)
+        checks.append(compare(errs, source, "a < b"))
+        out.append(f"{m} lowers the mean corrupted error: {checks[-1]} ({m} minus the training "
+                   f"statistics, per seed: {evidence(errs, source, 100, unit=' points')}); "
+                   f"its mean error was lower on {len(better)} of {len(names)} corruptions"
                    + (f" (not on: {', '.join(c for c in names if c not in better)})"
                       if len(better) < len(names) else "") + ".")
     return out + _worst_case(cfg, groups)
@@ -149,14 +161,14 @@ def _figure(cfg, groups):
 
 def summarize(cfg: dict, records: list[dict]) -> Section:
     groups = by(records, "corruption")
-    flags: list[bool] = []
-    paragraphs = _text(cfg, groups, flags)
+    checks: list[str] = []
+    paragraphs = _text(cfg, groups, checks)
     rows = [[c] + [fmt([r["metrics"]["mean_err"][m] for r in groups.get((c,), [])], 100)
                    for m in cfg["methods"]] for c in ["none"] + cfg["corruptions"]]
     names = [c for c in cfg["corruptions"] if (c,) in groups]
     avg = {m: mean([_err(groups, c, m) for c in names]) for m in cfg["methods"]}
     headline = "mean corrupted error: " + ", ".join(f"{m} {pct(avg[m])}" for m in avg)
-    return Section(NAME, TITLE, CLAIM, headline, verdict_of(flags), paragraphs,
+    return Section(NAME, TITLE, CLAIM, headline, combine(checks), paragraphs,
                    Table(["corruption (mean over severities)"]
                          + [f"{m} error %" for m in cfg["methods"]], rows),
                    _figure(cfg, groups))

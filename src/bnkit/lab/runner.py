@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
-import zlib
 import sys
 import threading
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,9 +23,9 @@ import torch
 
 from ..progress import Bar, is_terminal, say
 from . import report, store
-from .pool import Pool
 from .config import experiment_module, load_config
 from .env import collect_env
+from .pool import Pool
 from .train import get_data
 
 

@@ -119,30 +119,65 @@ def verdict_of(flags: list[bool]) -> str:
     return "does not hold" if not any(flags) else "mixed"
 
 
+def _difference(a, b) -> tuple[float, float, int, int] | None:
+    """(mean(a) - mean(b), its standard error, n_a, n_b); b may be a fixed number (n_b 0,
+    no error). None when a group has fewer than 2 finite values."""
+    sa = spread(a)
+    if isinstance(b, (int, float)):
+        sb = Spread(float(b), 0.0, float(b), float(b), 0)
+    else:
+        sb = spread(b)
+        if sb is not None and sb.n < 2:
+            return None
+    if sa is None or sb is None or sa.n < 2:
+        return None
+    se = math.sqrt(sa.std ** 2 / sa.n + (sb.std ** 2 / sb.n if sb.n else 0.0))
+    return sa.mean - sb.mean, se, sa.n, sb.n
+
+
 def compare(a, b, claim: str = "a > b") -> str:
     """Decide a claim about two groups of per-seed values from their seed-to-seed spread.
 
     The difference of the means, d = mean(a) - mean(b), has the standard error
     se = sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances). The claim "a > b" holds when
     d > 2 se, does not hold when d < -2 se, and is inconclusive otherwise, or when either group
-    has fewer than 2 finite values ("a < b" is the mirror image).
+    has fewer than 2 finite values ("a < b" is the mirror image). `b` may also be a fixed
+    number (a bound such as 1.0x), which has no spread of its own.
 
     Example:
         >>> compare([0.90, 0.91, 0.92], [0.80, 0.81, 0.79])
         'holds'
         >>> compare([0.90, 0.70, 0.85], [0.80, 0.81, 0.79])
         'inconclusive'
+        >>> compare([1.30, 1.35, 1.32], 1.0)
+        'holds'
     """
     if claim not in ("a > b", "a < b"):
         raise ValueError(f"claim must be 'a > b' or 'a < b', got {claim!r}")
-    sa, sb = spread(a), spread(b)
-    if sa is None or sb is None or sa.n < 2 or sb.n < 2:
+    diff = _difference(a, b)
+    if diff is None:
         return "inconclusive"
-    d = (sa.mean - sb.mean) * (1 if claim == "a > b" else -1)
-    se = math.sqrt(sa.std ** 2 / sa.n + sb.std ** 2 / sb.n)
+    d, se = diff[0] * (1 if claim == "a > b" else -1), diff[1]
     if d > SE_MULTIPLE * se:
         return "holds"
     return "does not hold" if d < -SE_MULTIPLE * se else "inconclusive"
+
+
+def evidence(a, b, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    """How `compare(a, b)` was decided, in words: 'difference +2.1 ± 0.4 points (2 standard
+    errors 0.8, n=3 vs 3)', the ± being one standard error; or why nothing was decided.
+
+    Example:
+        >>> evidence([0.90, 0.91, 0.92], [0.80, 0.81, 0.79], 100, unit=" points")
+        'difference +11.0 ± 0.8 points (2 standard errors 1.6, n=3 vs 3)'
+    """
+    diff = _difference(a, b)
+    if diff is None:
+        return "fewer than 2 seeds on a side, so the spread is unknown and nothing is decided"
+    d, se, na, nb = diff
+    vs = f"n={na} vs {nb}" if nb else f"n={na} against the fixed value"
+    return (f"difference {d * scale:+,.{digits}f} ± {se * scale:,.{digits}f}{unit} "
+            f"(2 standard errors {SE_MULTIPLE * se * scale:,.{digits}f}, {vs})")
 
 
 def combine(verdicts: list[str]) -> str:

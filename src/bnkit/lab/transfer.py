@@ -21,13 +21,13 @@ from torch import nn
 
 from . import plots
 from .models import make_cnn
-from .sections import Section, Table, by, finite, fmt, mean, metric, pct, verdict_of
+from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, metric, pct
 from .train import class_subset, evaluate, fit, images, subset
 
 NAME = "transfer"
 TITLE = "Transfer to new classes: what to do with BN when fine-tuning"
 CLAIM = ("With few labels, keeping BN's statistics fixed (frozen BN, or AdaBN then frozen) is "
-         "at least as accurate as training everything; with many labels, training everything "
+         "more accurate than training everything; with many labels, training everything "
          "is best.")
 METHODS = ("all", "frozen", "adabn", "bn_affine")
 
@@ -110,7 +110,7 @@ def _acc(groups, k, m) -> float:
     return mean(metric(groups.get((k, m), []), "test_acc"))
 
 
-def _text(cfg, groups, flags) -> list[str]:
+def _text(cfg, groups, checks) -> list[str]:
     out = []
     src = mean([r["metrics"]["source_acc"] for recs in groups.values() for r in recs])
     out.append(f"Source model: {pct(src)} test accuracy on classes "
@@ -122,19 +122,28 @@ def _text(cfg, groups, flags) -> list[str]:
             out.append(f"k={k} per class: " + ", ".join(f"{m} {pct(a)}" for m, a in
                                                        accs.items()) + f"; best: {best}.")
     lo, hi = min(cfg["ks"]), max(cfg["ks"])
-    fixed = max(_acc(groups, lo, "frozen"), _acc(groups, lo, "adabn"))
-    if finite(fixed, _acc(groups, lo, "all")):
-        flags.append(fixed >= _acc(groups, lo, "all"))
-        out.append(f"With k={lo}, fixed BN statistics {'were' if flags[-1] else 'were NOT'} at "
-                   f"least as accurate as training everything ({pct(fixed)} vs "
-                   f"{pct(_acc(groups, lo, 'all'))}).")
-    others = [_acc(groups, hi, m) for m in cfg["methods"] if m != "all"]
-    if finite(_acc(groups, hi, "all"), *others):
-        flags.append(_acc(groups, hi, "all") >= max(others))
-        out.append(f"With k={hi}, training everything {'was' if flags[-1] else 'was NOT'} at "
-                   f"least as accurate as every other method ({pct(_acc(groups, hi, 'all'))} vs "
-                   f"best other {pct(max(others))}).")
+    fixed = max(("frozen", "adabn"), key=lambda m: _acc(groups, lo, m))
+    if finite(_acc(groups, lo, fixed), _acc(groups, lo, "all")):
+        a, b = _accs(groups, lo, fixed), _accs(groups, lo, "all")
+        checks.append(compare(a, b, "a > b"))
+        out.append(f"With k={lo}, fixed BN statistics ({fixed}, the better of frozen and adabn) "
+                   f"more accurate than training everything: {checks[-1]} ({pct(mean(a))} "
+                   f"vs {pct(mean(b))}; {evidence(a, b, 100, unit=' points')}).")
+    others = [m for m in cfg["methods"] if m != "all"]
+    if others and finite(_acc(groups, hi, "all"), *(_acc(groups, hi, m) for m in others)):
+        best = max(others, key=lambda m: _acc(groups, hi, m))
+        a, b = _accs(groups, hi, "all"), _accs(groups, hi, best)
+        checks.append(compare(a, b, "a > b"))
+        out.append(f"With k={hi}, training everything more accurate than the best other "
+                   f"method ({best}): {checks[-1]} ({pct(mean(a))} vs {pct(mean(b))}; "
+                   f"{evidence(a, b, 100, unit=' points')}).")
+    out.append("A difference within 2 standard errors is inconclusive: the methods tie within "
+               "the seed-to-seed spread.")
     return out
+
+
+def _accs(groups, k, m) -> list:
+    return metric(groups.get((k, m), []), "test_acc")
 
 
 def _figure(cfg, groups):
@@ -151,12 +160,12 @@ def _figure(cfg, groups):
 
 def summarize(cfg: dict, records: list[dict]) -> Section:
     groups = by(records, "k", "method")
-    flags: list[bool] = []
-    paragraphs = _text(cfg, groups, flags)
+    checks: list[str] = []
+    paragraphs = _text(cfg, groups, checks)
     rows = [[str(k)] + [fmt(metric(groups.get((k, m), []), "test_acc"), 100)
                         for m in cfg["methods"]] for k in cfg["ks"]]
     lo = min(cfg["ks"])
     headline = f"k={lo}: " + ", ".join(f"{m} {pct(_acc(groups, lo, m))}" for m in cfg["methods"])
-    return Section(NAME, TITLE, CLAIM, headline, verdict_of(flags), paragraphs,
+    return Section(NAME, TITLE, CLAIM, headline, combine(checks), paragraphs,
                    Table(["k"] + [f"{m} acc %" for m in cfg["methods"]], rows),
                    _figure(cfg, groups))
