@@ -298,7 +298,7 @@ def test_new_run_refuses_a_folder_holding_a_run(tmp_path):
 def test_resolve_defaults_and_errors():
     cfg = config.resolve()
     assert list(cfg["experiments"]) == list(EXPERIMENTS)
-    assert (cfg["profile"], cfg["seeds"], cfg["threads"]) == ("quick", 1, 1)
+    assert (cfg["profile"], cfg["seeds"], cfg["threads"]) == ("quick", 3, 1)
     assert config.resolve(["init"], "full")["seeds"] == 3
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['stepz'\]"):
         config.resolve(["init"], overrides={"init": {"stepz": 3}})

@@ -29,8 +29,8 @@ _BASE = {"widths": [16, 32], "batch": 32, "lr": 0.05, "momentum": 0.9,
 PROFILES = {
     "mini": {**_BASE, "widths": [4, 8], "norm_batches": [2, 8], "batch": 8, "steps": 6,
              "train_subset": 128, "test_subset": 64},
-    "quick": {**_BASE, "widths": [8, 16], "steps": 60, "train_subset": None,
-              "test_subset": 2000},
+    "quick": {**_BASE, "widths": [8, 16], "steps": 120, "norm_batches": [2, 8, 32],
+              "norms": ["bn", "renorm", "group"], "train_subset": None, "test_subset": 1000},
     "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
 }
 

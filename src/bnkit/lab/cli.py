@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--mini", dest="profile", action="store_const", const="mini",
                       help=argparse.SUPPRESS)  # tests: seconds on the tiny generated data
     parser.add_argument("--seeds", type=positive_int, default=None,
-                        help="seeds per cell (default 1 for --quick, 3 for --full)")
+                        help="seeds per cell (default 3; --full needs >= 3); a verdict needs >= 2")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="the run folder (default runs/<timestamp>)")
     parser.add_argument("--data", metavar="DIR", default=None,

@@ -27,8 +27,8 @@ _BASE = {"models": ["cnn", "resnet"], "cnn_widths": [16, 32], "resnet_width": 16
 PROFILES = {
     "mini": {**_BASE, "cnn_widths": [4, 8], "resnet_width": 4, "batch": 16, "train_steps": 3,
              "timing_batch": 16, "repeats": 3, "test_subset": 64},
-    "quick": {**_BASE, "train_steps": 20, "timing_batch": 128, "repeats": 10,
-              "test_subset": 1000},
+    "quick": {**_BASE, "train_steps": 10, "timing_batch": 128, "repeats": 10,
+              "test_subset": 500},
     "full": {**_BASE, "train_steps": 300, "repeats": 50, "test_subset": None},
 }
 

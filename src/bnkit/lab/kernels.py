@@ -21,7 +21,7 @@ PROFILES = {
     "mini": {**_BASE, "cases": [[[64, 8, 4, 4], "nchw"], [[256, 32], "nc"]], "repeats": 2,
              "models": False},
     "quick": {**_BASE, "cases": [[[32, 64, 28, 28], "nchw"], [[8192, 256], "nc"]],
-              "repeats": 5},
+              "repeats": 3},
     "full": {**_BASE, "cases": [[[64, 64, 56, 56], "nchw"], [[64, 64, 56, 56], "nhwc"],
                                 [[32, 256, 14, 14], "nchw"], [[256, 1024], "nc"],
                                 [[8192, 256], "nc"]], "repeats": 15},

@@ -20,7 +20,8 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 color:#222;line-height:1.45}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f2f2f2}
 img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.6em;overflow:auto;
-font-size:.85em}.holds{color:#17702b}.does-not-hold{color:#b3261e}.mixed{color:#a15c00}"""
+font-size:.85em}.holds{color:#17702b}.does-not-hold{color:#b3261e}.mixed{color:#a15c00}
+.inconclusive{color:#5f6368;font-style:italic}"""
 
 
 def duration(seconds: float) -> str:

@@ -29,8 +29,8 @@ PROFILES = {
     "mini": {**_BASE, "widths": [4, 8], "batch": 16, "steps": 10, "train_subset": 128,
              "test_subset": 64, "corruptions": ["contrast", "gaussian_noise"],
              "severities": [1, 5], "adapt_batch": 32},
-    "quick": {**_BASE, "widths": [8, 16], "steps": 300, "train_subset": None,
-              "test_subset": 500},
+    "quick": {**_BASE, "widths": [8, 16], "steps": 300, "severities": [1, 3, 5],
+              "train_subset": None, "test_subset": 500},
     "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
 }
 
