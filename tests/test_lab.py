@@ -731,3 +731,21 @@ def test_jobs_must_be_a_positive_integer(tiny_idx_dir, tmp_path):
         with pytest.raises(ValueError, match=f"jobs must be an integer >= 1 \\(got {bad!r}\\)"):
             runner.run_lab(_mini(tiny_idx_dir, ["init"]), tmp_path / "run", jobs=bad)
     assert not (tmp_path / "run").exists()  # refused before anything is made
+
+
+def test_systematic_failure_in_workers_stops_the_run(tiny_idx_dir, tmp_path, capsys,
+                                                     reference_backend):
+    """Every convergence cell fails in the workers with one error (hidden size 0): the run
+    stops after the first experiment and terminates the workers."""
+    cfg = config.resolve(["convergence", "init"], "mini", data=str(tiny_idx_dir),
+                         overrides={"convergence": {"hidden": 0}})
+    res = runner.run_lab(cfg, tmp_path / "run", jobs=2)
+    n_conv = len(config.experiment_module("convergence").cells(cfg["experiments"]["convergence"]))
+    assert res.status == "failed" and "the remaining cells were not run" in res.stopped
+    run = store.read_json(res.run_dir / "run.json")
+    conv_errors = [e for e in run["errors"] if e["key"].startswith("convergence|")]
+    assert len(conv_errors) == n_conv
+    assert {e["error"] for e in conv_errors} == {
+        "ValueError: hidden must be a positive integer, got 0; pass a layer size or count >= 1"}
+    assert res.cells_run < len(config.experiment_module("init").cells(cfg["experiments"]["init"]))
+    assert capsys.readouterr().err.count("cell failed: convergence: ") == n_conv

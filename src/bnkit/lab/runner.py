@@ -193,7 +193,8 @@ class _Progress:
         self.first_done += name == self.first
         if self.first_done == self.n_first and self.n_first:
             self.first_done = -1  # decide once
-            why = _systematic(self.run["errors"], self.first, self.n_first)
+            mine = [e for e in self.run["errors"] if e["key"].split("|", 1)[0] == self.first]
+            why = _systematic(mine, self.first, self.n_first)
             if why:
                 self.run["stopped"] = why
                 say(f"stopping: {why}")
