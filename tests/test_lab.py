@@ -749,3 +749,48 @@ def test_systematic_failure_in_workers_stops_the_run(tiny_idx_dir, tmp_path, cap
         "ValueError: hidden must be a positive integer, got 0; pass a layer size or count >= 1"}
     assert res.cells_run < len(config.experiment_module("init").cells(cfg["experiments"]["init"]))
     assert capsys.readouterr().err.count("cell failed: convergence: ") == n_conv
+
+
+def test_paired_differences_cancel_what_a_seed_does_to_both_sides():
+    """Seeds that move both sides alike: unpaired, the spread hides a 2-point gain; paired by
+    seed, the differences (2.0, 2.1, 1.9 points) decide it."""
+    def recs(*errs):
+        return [{"seed": s, "variant": {}, "metrics": {"err": e}} for s, e in enumerate(errs)]
+
+    a, b = recs(0.30, 0.50, 0.40), recs(0.28, 0.479, 0.381)
+    assert sections.compare(sections.metric(a, "err"), sections.metric(b, "err")) == \
+        "inconclusive"
+    diffs = sections.paired(a, b, "err")
+    assert diffs == pytest.approx([0.02, 0.021, 0.019])
+    verdict, how = sections.decide(diffs, "a > b", 100, unit=" points")
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    assert verdict == "holds" and f"± {100 * se:.1f} points" in how and "3 seeds paired" in how
+    assert sections.decide(diffs, "a < b")[0] == "does not hold"
+    assert sections.paired(a, b[:2], "err") == pytest.approx([0.02, 0.021])  # common seeds
+
+
+def test_batch_size_penalty_is_decided_on_paired_seeds():
+    from bnkit.lab import batch_size
+
+    cfg = config.resolve(["batch-size"], "mini")["experiments"]["batch-size"]
+    small, big = min(cfg["norm_batches"]), cfg["batch"]
+
+    def recs(errs_small, errs_big):
+        out = []
+        for norm, k, errs in (("bn", small, errs_small), ("bn", big, errs_big)):
+            out += [{"experiment": "batch-size", "variant": {"norm": norm, "norm_batch": k},
+                     "seed": s, "metrics": {"test_err": e, "test_acc": 1 - e}}
+                    for s, e in enumerate(errs)]
+        return out
+
+    # every seed 3 points worse at the small batch, whatever the seed's own level
+    sec = batch_size.summarize(cfg, recs([0.23, 0.33, 0.28], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "holds"
+    assert "difference +3.0 ± 0.0 points (2 standard errors 0.0, 3 seeds paired)" in \
+        sec.paragraphs[0]
+    # the same mean penalty, but it changes sign across seeds: inconclusive
+    sec = batch_size.summarize(cfg, recs([0.28, 0.33, 0.23], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "inconclusive"
+    # a clear gain at the small batch contradicts the claim
+    sec = batch_size.summarize(cfg, recs([0.17, 0.27, 0.22], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "does not hold"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from . import plots
 from .models import make_cnn
-from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, metric, pct
+from .sections import Section, Table, by, combine, decide, finite, fmt, mean, metric, paired, pct
 from .train import evaluate, fit, images, subset
 
 NAME = "batch-size"
@@ -89,35 +89,36 @@ def _err(groups, norm: str, k) -> float:
     return mean(metric(groups.get((norm, k), []), "test_err"))
 
 
-def _errs(groups, norm: str, k) -> list:
-    return metric(groups.get((norm, k), []), "test_err")
-
-
-def _pts(a, b) -> str:
-    return evidence(a, b, 100, unit=" points")
+def _check(groups, a: tuple, b: tuple, claim: str) -> tuple[str, str]:
+    """Decide `claim` on the per-seed error differences a - b (the same seed gives every
+    model the same convolution weights and batches, so the differences are paired)."""
+    return decide(paired(groups.get(a, []), groups.get(b, []), "test_err"), claim, 100,
+                  unit=" points")
 
 
 def _text(cfg, groups, checks) -> list[str]:
     small, big = min(cfg["norm_batches"]), cfg["batch"]
-    bn_small, bn_big = _errs(groups, "bn", small), _errs(groups, "bn", big)
+    bn_small, bn_big = _err(groups, "bn", small), _err(groups, "bn", big)
     out = []
-    if finite(mean(bn_small), mean(bn_big)):  # both measured
-        checks.append(compare(bn_small, bn_big, "a > b"))
-        out.append(f"BN's test error went from {pct(mean(bn_big))} with {big} examples per "
-                   f"normalization to {pct(mean(bn_small))} with {small}. The small-batch "
-                   f"penalty: {checks[-1]} (error at {small} minus at {big}: "
-                   f"{_pts(bn_small, bn_big)}).")
-    gn = _errs(groups, "group", big)
-    if finite(mean(gn), mean(bn_small)):
-        checks.append(compare(gn, bn_small, "a < b"))
-        out.append(f"GroupNorm (no batch statistics): {pct(mean(gn))}. Better than BN at "
-                   f"{small} examples: {checks[-1]} (GroupNorm minus BN: {_pts(gn, bn_small)}).")
-    brn = _errs(groups, "renorm", small)
-    if finite(mean(brn), mean(bn_small)):
-        checks.append(compare(brn, bn_small, "a < b"))
-        out.append(f"BatchRenorm at {small} examples: {pct(mean(brn))} vs BN "
-                   f"{pct(mean(bn_small))}. Renormalization reduces the small-batch error: "
-                   f"{checks[-1]} (BatchRenorm minus BN: {_pts(brn, bn_small)}).")
+    if finite(bn_small, bn_big):  # both measured
+        verdict, how = _check(groups, ("bn", small), ("bn", big), "a > b")
+        checks.append(verdict)
+        out.append(f"BN's test error went from {pct(bn_big)} with {big} examples per "
+                   f"normalization to {pct(bn_small)} with {small}. The small-batch "
+                   f"penalty: {verdict} (error at {small} minus at {big}: {how}).")
+    gn = _err(groups, "group", big)
+    if finite(gn, bn_small):
+        verdict, how = _check(groups, ("group", big), ("bn", small), "a < b")
+        checks.append(verdict)
+        out.append(f"GroupNorm (no batch statistics): {pct(gn)}. Better than BN at {small} "
+                   f"examples: {verdict} (GroupNorm minus BN: {how}).")
+    brn = _err(groups, "renorm", small)
+    if finite(brn, bn_small):
+        verdict, how = _check(groups, ("renorm", small), ("bn", small), "a < b")
+        checks.append(verdict)
+        out.append(f"BatchRenorm at {small} examples: {pct(brn)} vs BN {pct(bn_small)}. "
+                   f"Renormalization reduces the small-batch error: {verdict} (BatchRenorm "
+                   f"minus BN: {how}).")
     ghost = _err(groups, "ghost", small)
     if finite(ghost):
         out.append(f"GhostBatchNorm at {small} examples (one forward pass, same training "

@@ -14,7 +14,7 @@ import torch
 
 from ..demo import make_mlp, train_classifier, warm_up
 from . import plots
-from .sections import Section, Table, by, combine, compare, evidence, fmt, mean, metric, pct
+from .sections import Section, Table, by, combine, decide, fmt, mean, metric, paired, pct
 from .train import subset
 
 NAME = "convergence"
@@ -95,15 +95,19 @@ def to_target(records: list[dict]) -> float:
     return math.inf if not hits or None in hits else mean(hits)
 
 
-def censored_steps(records: list[dict], steps: int) -> list[float]:
-    """Steps to target per seed, a seed that never reached it counted as `steps` (the run's
-    length: a lower bound, which favours the side that never got there)."""
-    return [steps if h is None else h for h in metric(records, "steps_to_target")]
+def step_gain(plain: list[dict], bn: list[dict], steps: int) -> list[float]:
+    """Per seed: steps to target without BN minus with BN (same initial weights and batches),
+    a seed that never reached it counted as `steps` (the run's length: a lower bound, which
+    favours the side that never got there)."""
+    def hit(rec):
+        h = rec["metrics"]["steps_to_target"]
+        return steps if h is None else h
+    return paired(plain, bn, hit)
 
 
-def drift(records: list[dict]) -> list[float]:
-    """Per seed: how far the median sigmoid input moved, |last - first evaluation|."""
-    return [abs(r["metrics"]["p50"][-1] - r["metrics"]["p50"][0]) for r in records]
+def drift(rec: dict) -> float:
+    """How far the median sigmoid input moved in one cell, |last - first evaluation|."""
+    return abs(rec["metrics"]["p50"][-1] - rec["metrics"]["p50"][0])
 
 
 def _after(hit: float, steps: int) -> str:
@@ -147,8 +151,7 @@ def _drift(records: list[dict]) -> tuple[float, float, float]:
     seeds (the movement per seed first: seeds watch different units' weights)."""
     first = mean([r["metrics"]["p50"][0] for r in records])
     last = mean([r["metrics"]["p50"][-1] for r in records])
-    return first, last, mean([abs(r["metrics"]["p50"][-1] - r["metrics"]["p50"][0])
-                              for r in records])
+    return first, last, mean([drift(r) for r in records])
 
 
 def _reference_text(cfg, groups, checks) -> list[str]:
@@ -158,23 +161,23 @@ def _reference_text(cfg, groups, checks) -> list[str]:
         return [f"The reference learning rate {lr:g} has not finished for both variants."]
     tp, tb = to_target(plain), to_target(bn)
     steps = cfg["steps"]
-    sp, sb = censored_steps(plain, steps), censored_steps(bn, steps)
-    checks.append(compare(sp, sb, "a > b"))
+    verdict, how = decide(step_gain(plain, bn, steps), "a > b", digits=0)
+    checks.append(verdict)
     text = (f"At learning rate {lr:g}, after {steps:,} steps: with BN "
             f"{pct(mean(metric(bn, 'final_acc')))} test accuracy, without "
             f"{pct(mean(metric(plain, 'final_acc')))}. With BN, {target:.0%} test accuracy "
             f"{_after(tb, steps)}; without, {_after(tp, steps)}")
     text += f" (ratio {_ratio(tp, tb, steps)})." if math.isfinite(tb) else "."
-    text += (f" Fewer steps with BN: {checks[-1]} (steps without BN minus with BN, a seed that "
-             f"never got there counted as {steps:,}: {evidence(sp, sb, digits=0)}).")
-    (f0, f1, _), (b0, b1, _) = _drift(plain), _drift(bn)
-    dp, db = drift(plain), drift(bn)
-    checks.append(compare(dp, db, "a > b"))
+    text += (f" Fewer steps with BN: {verdict} (steps without BN minus with BN, a seed that "
+             f"never got there counted as {steps:,}: {how}).")
+    (f0, f1, fd), (b0, b1, bd) = _drift(plain), _drift(bn)
+    verdict, how = decide(paired(plain, bn, drift), "a > b", digits=2)
+    checks.append(verdict)
     text2 = (f"Median input of sigmoid unit {cfg['unit']} of the last hidden layer on the probe "
              f"set, first to last evaluation: without BN {f0:+.2f} -> {f1:+.2f} (moved "
-             f"{mean(dp):.2f}); with BN {b0:+.2f} -> {b1:+.2f} (moved {mean(db):.2f}). "
-             f"A more stable input with BN: {checks[-1]} (movement without BN minus with BN: "
-             f"{evidence(dp, db, digits=2)}).")
+             f"{fd:.2f}); with BN {b0:+.2f} -> {b1:+.2f} (moved {bd:.2f}). "
+             f"A more stable input with BN: {verdict} (movement without BN minus with BN: "
+             f"{how}).")
     if checks[-1] == "does not hold":
         text2 += " This contradicts the paper's Figure 1: the BN network's input moved more."
     return [text, text2]
@@ -185,8 +188,7 @@ def _across_lrs(cfg, groups) -> str:
     for lr in cfg["lrs"]:
         plain, bn = groups.get((lr, False), []), groups.get((lr, True), [])
         if plain and bn:
-            verdict = compare(censored_steps(plain, cfg["steps"]),
-                              censored_steps(bn, cfg["steps"]), "a > b")
+            verdict = decide(step_gain(plain, bn, cfg["steps"]), "a > b")[0]
             decided.setdefault(verdict, []).append(f"{lr:g}")
     parts = [f"{v} at {', '.join(lrs)}" for v, lrs in decided.items()]
     return (f"Across learning rates, 'BN reaches {cfg['target']:.0%} in fewer steps' (decided "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import plots
 from .corruptions import LEVELS, corrupt
 from .models import make_cnn
-from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, pct
+from .sections import Section, Table, by, combine, decide, finite, fmt, mean, pct
 from .train import evaluate, fit, images, subset
 
 NAME = "robustness"
@@ -91,13 +91,15 @@ def _err(groups, corruption: str, method: str) -> float:
     return mean([r["metrics"]["mean_err"].get(method) for r in groups.get((corruption,), [])])
 
 
-def seed_errors(groups, names, method: str) -> list[float]:
-    """Per seed: the mean error over the corruptions `names` (seeds that finished them all)."""
+def gains(groups, names, method: str) -> list[float]:
+    """Per seed: the mean error over the corruptions `names` with `method` minus with the
+    training statistics (the same source model of that seed; seeds that finished them all)."""
     per: dict[int, list[float]] = {}
     for c in names:
         for rec in groups.get((c,), []):
-            per.setdefault(rec["seed"], []).append(rec["metrics"]["mean_err"][method])
-    return [mean(v) for v in per.values() if len(v) == len(names)]
+            err = rec["metrics"]["mean_err"]
+            per.setdefault(rec["seed"], []).append(err[method] - err["source"])
+    return [mean(v) for _, v in sorted(per.items()) if len(v) == len(names)]
 
 
 def _text(cfg, groups, checks) -> list[str]:
@@ -109,13 +111,12 @@ def _text(cfg, groups, checks) -> list[str]:
     out = [f"Clean test error {pct(clean)}. Mean error over {len(names)} corruptions x "
            f"{len(cfg['severities'])} severities: "
            + ", ".join(f"{m} {pct(avg[m])}" for m in cfg["methods"]) + "."]
-    source = seed_errors(groups, names, "source")
     for m in (m for m in cfg["methods"] if m != "source"):
         better = [c for c in names if _err(groups, c, m) < _err(groups, c, "source")]
-        errs = seed_errors(groups, names, m)
-        checks.append(compare(errs, source, "a < b"))
-        out.append(f"{m} lowers the mean corrupted error: {checks[-1]} ({m} minus the training "
-                   f"statistics, per seed: {evidence(errs, source, 100, unit=' points')}); "
+        verdict, how = decide(gains(groups, names, m), "a < b", 100, unit=" points")
+        checks.append(verdict)
+        out.append(f"{m} lowers the mean corrupted error: {verdict} ({m} minus the training "
+                   f"statistics, same model per seed: {how}); "
                    f"its mean error was lower on {len(better)} of {len(names)} corruptions"
                    + (f" (not on: {', '.join(c for c in names if c not in better)})"
                       if len(better) < len(names) else "") + ".")

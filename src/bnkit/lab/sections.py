@@ -163,9 +163,30 @@ def compare(a, b, claim: str = "a > b") -> str:
     return "does not hold" if d < -SE_MULTIPLE * se else "inconclusive"
 
 
-def evidence(a, b, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+def paired(a: list[dict], b: list[dict], value) -> list[float]:
+    """Per-seed differences value(a) - value(b) over the seeds both groups finished, in seed
+    order; `value` is a metric name or a function of a record.
+
+    Use it where the same seed gives both sides the same initial weights and batches: the
+    differences cancel what the seed does to both, and `compare(paired(...), 0.0)` decides
+    on their spread.
+
+    Example:
+        >>> recs = lambda *v: [{"seed": s, "metrics": {"err": e}} for s, e in enumerate(v)]
+        >>> [round(d, 2) for d in paired(recs(0.3, 0.5), recs(0.2, 0.45), "err")]
+        [0.1, 0.05]
+    """
+    get = (lambda r: r["metrics"].get(value)) if isinstance(value, str) else value
+    bs = {r["seed"]: get(r) for r in b}
+    return [get(r) - bs[r["seed"]] for r in sorted(a, key=lambda r: r["seed"])
+            if r["seed"] in bs and get(r) is not None and bs[r["seed"]] is not None]
+
+
+def evidence(a, b, scale: float = 1.0, digits: int = 1, unit: str = "",
+             is_paired: bool = False) -> str:
     """How `compare(a, b)` was decided, in words: 'difference +2.1 ± 0.4 points (2 standard
     errors 0.8, n=3 vs 3)', the ± being one standard error; or why nothing was decided.
+    With is_paired, `a` holds per-seed differences (`paired`) and `b` is 0.
 
     Example:
         >>> evidence([0.90, 0.91, 0.92], [0.80, 0.81, 0.79], 100, unit=" points")
@@ -175,7 +196,8 @@ def evidence(a, b, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
     if diff is None:
         return "fewer than 2 seeds on a side, so the spread is unknown and nothing is decided"
     d, se, na, nb = diff
-    vs = f"n={na} vs {nb}" if nb else f"n={na} against the fixed value"
+    vs = (f"n={na} vs {nb}" if nb else f"{na} seeds paired" if is_paired
+          else f"n={na} against the fixed value")
     return (f"difference {d * scale:+,.{digits}f} ± {se * scale:,.{digits}f}{unit} "
             f"(2 standard errors {SE_MULTIPLE * se * scale:,.{digits}f}, {vs})")
 
@@ -204,3 +226,16 @@ def by(records: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 def metric(records: list[dict], name: str) -> list:
     """The values of one metric across records (seeds)."""
     return [rec["metrics"].get(name) for rec in records]
+
+
+def decide(diffs: list[float], claim: str, scale: float = 1.0, digits: int = 1,
+           unit: str = "") -> tuple[str, str]:
+    """(verdict, how) for per-seed paired differences a - b: `compare(diffs, 0.0, claim)` and
+    `evidence` in words.
+
+    Example:
+        >>> decide([0.10, 0.12, 0.11], "a > b", 100, unit=" points")[0]
+        'holds'
+    """
+    return (compare(diffs, 0.0, claim),
+            evidence(diffs, 0.0, scale, digits, unit, is_paired=True))

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import plots
 from .models import make_cnn
-from .sections import Section, Table, by, combine, compare, evidence, finite, fmt, mean, metric, pct
+from .sections import Section, Table, by, combine, decide, finite, fmt, mean, metric, paired, pct
 from .train import class_subset, evaluate, fit, images, subset
 
 NAME = "transfer"
@@ -124,26 +124,29 @@ def _text(cfg, groups, checks) -> list[str]:
     lo, hi = min(cfg["ks"]), max(cfg["ks"])
     fixed = max(("frozen", "adabn"), key=lambda m: _acc(groups, lo, m))
     if finite(_acc(groups, lo, fixed), _acc(groups, lo, "all")):
-        a, b = _accs(groups, lo, fixed), _accs(groups, lo, "all")
-        checks.append(compare(a, b, "a > b"))
+        verdict, how = _check(groups, (lo, fixed), (lo, "all"))
+        checks.append(verdict)
         out.append(f"With k={lo}, fixed BN statistics ({fixed}, the better of frozen and adabn) "
-                   f"more accurate than training everything: {checks[-1]} ({pct(mean(a))} "
-                   f"vs {pct(mean(b))}; {evidence(a, b, 100, unit=' points')}).")
+                   f"more accurate than training everything: {verdict} "
+                   f"({pct(_acc(groups, lo, fixed))} vs {pct(_acc(groups, lo, 'all'))}; {how}).")
     others = [m for m in cfg["methods"] if m != "all"]
     if others and finite(_acc(groups, hi, "all"), *(_acc(groups, hi, m) for m in others)):
         best = max(others, key=lambda m: _acc(groups, hi, m))
-        a, b = _accs(groups, hi, "all"), _accs(groups, hi, best)
-        checks.append(compare(a, b, "a > b"))
+        verdict, how = _check(groups, (hi, "all"), (hi, best))
+        checks.append(verdict)
         out.append(f"With k={hi}, training everything more accurate than the best other "
-                   f"method ({best}): {checks[-1]} ({pct(mean(a))} vs {pct(mean(b))}; "
-                   f"{evidence(a, b, 100, unit=' points')}).")
+                   f"method ({best}): {verdict} ({pct(_acc(groups, hi, 'all'))} vs "
+                   f"{pct(_acc(groups, hi, best))}; {how}).")
     out.append("A difference within 2 standard errors is inconclusive: the methods tie within "
                "the seed-to-seed spread.")
     return out
 
 
-def _accs(groups, k, m) -> list:
-    return metric(groups.get((k, m), []), "test_acc")
+def _check(groups, a: tuple, b: tuple) -> tuple[str, str]:
+    """Decide 'a is more accurate than b' on per-seed differences (the same seed gives both
+    the same pretrained model and the same k-shot images)."""
+    return decide(paired(groups.get(a, []), groups.get(b, []), "test_acc"), "a > b", 100,
+                  unit=" points")
 
 
 def _figure(cfg, groups):
