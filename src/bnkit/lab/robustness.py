@@ -30,7 +30,7 @@ PROFILES = {
              "test_subset": 64, "corruptions": ["contrast", "gaussian_noise"],
              "severities": [1, 5], "adapt_batch": 32},
     "quick": {**_BASE, "widths": [8, 16], "steps": 300, "severities": [1, 3, 5],
-              "train_subset": None, "test_subset": 500},
+              "train_subset": None, "test_subset": 300},
     "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
 }
 

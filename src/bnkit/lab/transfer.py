@@ -37,8 +37,8 @@ _BASE = {"widths": [16, 32], "batch": 32, "lr": 0.05, "momentum": 0.9, "ft_lr": 
 PROFILES = {
     "mini": {**_BASE, "widths": [4, 8], "batch": 8, "ks": [2, 5], "pretrain_steps": 10,
              "ft_steps": 5, "test_subset": 128},
-    "quick": {**_BASE, "widths": [8, 16], "pretrain_steps": 300, "ft_steps": 40,
-              "test_subset": 2000},
+    "quick": {**_BASE, "widths": [8, 16], "ks": [10, 1000], "pretrain_steps": 300,
+              "ft_steps": 40, "test_subset": 2000},
     "full": {**_BASE, "pretrain_steps": 1875, "ft_steps": 500, "test_subset": None},
 }
 
