@@ -383,18 +383,21 @@ def test_convergence_text_says_when_the_claim_fails():
 
     cfg = {**convergence.PROFILES["mini"], "lrs": [0.1]}
 
-    def rec(bn, hit, p50):
-        return {"variant": {"lr": 0.1, "bn": bn}, "metrics": {
+    def rec(bn, hit, p50, seed):
+        return {"variant": {"lr": 0.1, "bn": bn}, "seed": seed, "metrics": {
             "steps": [10, 20, 30], "acc": [0.1, 0.5, 0.6], "loss": [1, 1, 1],
             "p15": [p - 1 for p in p50], "p50": p50, "p85": [p + 1 for p in p50],
             "final_acc": 0.6, "steps_to_target": hit, "ms_per_step": 1.0}}
 
-    sec = convergence.summarize(cfg, [rec(False, 10, [0.0, 0.0, 0.1]),
-                                      rec(True, 30, [0.0, 1.0, 2.0])])
+    recs = [r for s in range(3) for r in (rec(False, 10, [0.0, 0.0, 0.1 + 0.01 * s], s),
+                                          rec(True, 30, [0.0, 1.0, 2.0 + 0.1 * s], s))]
+    sec = convergence.summarize(cfg, recs)
     text = " ".join(sec.paragraphs)
     assert sec.verdict == "does not hold"
     assert "With BN, 30% test accuracy after 30 steps; without, after 10 steps (ratio 0.3x)" in text
-    assert "does NOT hold" in text and "no BN first: 0.1" in text
+    assert "Fewer steps with BN: does not hold (" in text and "-20 ± 0 (" in text
+    assert "A more stable input with BN: does not hold" in text
+    assert "contradicts the paper's Figure 1" in text and "does not hold at 0.1" in text
 
 
 def test_micro_batches_sum_to_the_full_batch_gradient():
@@ -787,7 +790,7 @@ def test_batch_size_penalty_is_decided_on_paired_seeds():
     sec = batch_size.summarize(cfg, recs([0.23, 0.33, 0.28], [0.20, 0.30, 0.25]))
     assert sec.verdict == "holds"
     assert "difference +3.0 ± 0.0 points (2 standard errors 0.0, 3 seeds paired)" in \
-        sec.paragraphs[0]
+        sec.paragraphs[1]
     # the same mean penalty, but it changes sign across seeds: inconclusive
     sec = batch_size.summarize(cfg, recs([0.28, 0.33, 0.23], [0.20, 0.30, 0.25]))
     assert sec.verdict == "inconclusive"
