@@ -121,9 +121,10 @@ def header_lines(ctx: dict) -> list[str]:
     status = run.get("status", "unknown")
     lines = [(f"Run {ctx['name']}: profile {cfg['profile']}, {cfg['seeds']} seed(s) per "
               f"cell, {cfg['threads']} thread(s), status {status}. Wall time {duration(wall)} "
-              f"from start to the last cell over {len(sessions)} session(s), process CPU time "
-              f"{duration(cpu)} (wall time well above CPU time x threads means other processes "
-              "shared the CPU).")]
+              f"from start to the last cell over {len(sessions)} session(s), CPU time "
+              f"{duration(cpu)} (the main process and the cells in worker processes; wall "
+              "time well above CPU time x threads / jobs means other processes shared the "
+              "CPU).")]
     if status != "finished":
         lines.append("This is a PARTIAL report: only the cells that finished are shown; "
                      "`bnkit lab --resume` runs the rest.")
