@@ -105,8 +105,20 @@ def test_report_command_rebuilds_the_same_report(full_run, capsys):
     assert str(result.report_html) in capsys.readouterr().out
 
 
+def _recurrent_records(bn_accs, lstm_accs) -> list[dict]:
+    """Hand-made recurrent records, one per seed and cell (final accuracies as given)."""
+    recs = []
+    for cell, accs in (("bnlstm", bn_accs), ("lstm", lstm_accs)):
+        for seed, acc in enumerate(accs):
+            recs.append({"experiment": "recurrent", "variant": {"cell": cell}, "seed": seed,
+                         "key": f"recurrent|{cell}|{seed}",
+                         "metrics": {"steps": [2, 4], "acc": [acc / 2, acc], "loss": [2.0, 1.0],
+                                     "final_acc": acc}})
+    return recs
+
+
 def test_summary_numbers_come_from_the_metrics(full_run, tmp_path):
-    """Edit the saved metrics, rebuild: the generated text follows the new numbers."""
+    """Edit the saved metrics, rebuild: the generated text and the verdict follow them."""
     import shutil
 
     _, result = full_run
@@ -115,21 +127,35 @@ def test_summary_numbers_come_from_the_metrics(full_run, tmp_path):
     cfg = store.read_json(d / "config.json")  # rebuild only this experiment: faster
     cfg["experiments"] = {"recurrent": cfg["experiments"]["recurrent"]}
     store.write_json(d / "config.json", cfg)
-    lines = []
-    for rec in store.read_records(d):
-        if rec["experiment"] == "recurrent":
-            acc = 0.9 if rec["variant"]["cell"] == "bnlstm" else 0.2
-            rec["metrics"]["acc"][-1] = rec["metrics"]["final_acc"] = acc
-        lines.append(json.dumps(rec))
-    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    md = report.build(d)[0].read_text()
+
+    def build(bn_accs, lstm_accs) -> str:
+        lines = [json.dumps(r) for r in _recurrent_records(bn_accs, lstm_accs)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return report.build(d)[0].read_text()
+
+    md = build([0.90, 0.91, 0.89], [0.20, 0.21, 0.19])
     assert "BN-LSTM 90.0% test accuracy, LSTM 20.0%" in md
-    assert "The claim holds in this short run." in md
-    lines = [json.dumps({**r, "metrics": {**r["metrics"], "final_acc": 0.1}})
-             if r["experiment"] == "recurrent" and r["variant"]["cell"] == "bnlstm"
-             else json.dumps(r) for r in store.read_records(d)]
-    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    assert "The claim does NOT hold in this short run." in report.build(d)[0].read_text()
+    assert "the claim holds (BN-LSTM minus LSTM: difference +70.0 ± 0.8 points" in md
+    assert "**Verdict in this run:** holds." in md
+    md = build([0.10, 0.11, 0.09], [0.20, 0.21, 0.19])
+    assert "the claim does not hold" in md and "**Verdict in this run:** does not hold." in md
+
+
+def test_a_verdict_becomes_inconclusive_when_the_spread_grows():
+    """Same means, wider seed-to-seed spread: 'holds' turns 'inconclusive' (2 standard errors)."""
+    from bnkit.lab import recurrent
+
+    cfg = config.resolve(["recurrent"], "mini")["experiments"]["recurrent"]
+    tight = recurrent.summarize(cfg, _recurrent_records([0.60, 0.61, 0.59], [0.50, 0.51, 0.49]))
+    assert tight.verdict == "holds"
+    # the same means 0.60 vs 0.50; stdev 0.15 each: se = 0.15 * sqrt(2/3) = 0.122 > 0.10 / 2
+    wide = recurrent.summarize(cfg, _recurrent_records([0.45, 0.60, 0.75], [0.35, 0.50, 0.65]))
+    assert wide.verdict == "inconclusive"
+    se = math.sqrt(2 * statistics.stdev([0.45, 0.60, 0.75]) ** 2 / 3)
+    assert f"2 standard errors {100 * 2 * se:.1f}" in " ".join(wide.paragraphs)
+    one_seed = recurrent.summarize(cfg, _recurrent_records([0.9], [0.1]))
+    assert one_seed.verdict == "inconclusive"  # one seed decides nothing
+    assert "fewer than 2 seeds" in " ".join(one_seed.paragraphs)
 
 
 # ----------------------------------------------------------------------------- interrupt, resume
@@ -215,7 +241,7 @@ def test_failing_cell_is_recorded_and_the_run_goes_on(tiny_idx_dir, tmp_path, mo
 
     monkeypatch.setattr(init_exp, "run_cell", broken)
     cfg = _mini(tiny_idx_dir)
-    res = runner.run_lab(cfg, tmp_path / "run", progress=False)
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False, jobs=1)
     n_init = len(init_exp.cells(cfg["experiments"]["init"]))
     assert res.status == "failed" and res.errors == n_init
     assert "Cell failed: init|" in res.report_md.read_text() and "RuntimeError: boom" in \
@@ -272,7 +298,7 @@ def test_new_run_refuses_a_folder_holding_a_run(tmp_path):
 def test_resolve_defaults_and_errors():
     cfg = config.resolve()
     assert list(cfg["experiments"]) == list(EXPERIMENTS)
-    assert (cfg["profile"], cfg["seeds"], cfg["threads"]) == ("quick", 1, 1)
+    assert (cfg["profile"], cfg["seeds"], cfg["threads"]) == ("quick", 3, 1)
     assert config.resolve(["init"], "full")["seeds"] == 3
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['stepz'\]"):
         config.resolve(["init"], overrides={"init": {"stepz": 3}})
@@ -357,18 +383,21 @@ def test_convergence_text_says_when_the_claim_fails():
 
     cfg = {**convergence.PROFILES["mini"], "lrs": [0.1]}
 
-    def rec(bn, hit, p50):
-        return {"variant": {"lr": 0.1, "bn": bn}, "metrics": {
+    def rec(bn, hit, p50, seed):
+        return {"variant": {"lr": 0.1, "bn": bn}, "seed": seed, "metrics": {
             "steps": [10, 20, 30], "acc": [0.1, 0.5, 0.6], "loss": [1, 1, 1],
             "p15": [p - 1 for p in p50], "p50": p50, "p85": [p + 1 for p in p50],
             "final_acc": 0.6, "steps_to_target": hit, "ms_per_step": 1.0}}
 
-    sec = convergence.summarize(cfg, [rec(False, 10, [0.0, 0.0, 0.1]),
-                                      rec(True, 30, [0.0, 1.0, 2.0])])
+    recs = [r for s in range(3) for r in (rec(False, 10, [0.0, 0.0, 0.1 + 0.01 * s], s),
+                                          rec(True, 30, [0.0, 1.0, 2.0 + 0.1 * s], s))]
+    sec = convergence.summarize(cfg, recs)
     text = " ".join(sec.paragraphs)
     assert sec.verdict == "does not hold"
     assert "With BN, 30% test accuracy after 30 steps; without, after 10 steps (ratio 0.3x)" in text
-    assert "does NOT hold" in text and "no BN first: 0.1" in text
+    assert "Fewer steps with BN: does not hold (" in text and "-20 ± 0 (" in text
+    assert "A more stable input with BN: does not hold" in text
+    assert "contradicts the paper's Figure 1" in text and "does not hold at 0.1" in text
 
 
 def test_micro_batches_sum_to_the_full_batch_gradient():
@@ -441,7 +470,8 @@ def run_cell(ctx, cfg, variant, seed):
         os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a crash or OOM kill
     return real(ctx, cfg, variant, seed)
 init.run_cell = run_cell
-runner.run_lab(config.resolve(["init"], "mini", data=sys.argv[1]), sys.argv[2], progress=False)
+runner.run_lab(config.resolve(["init"], "mini", data=sys.argv[1]), sys.argv[2], progress=False,
+               jobs=1)
 """
 
 
@@ -551,7 +581,7 @@ def test_same_error_in_every_cell_of_the_first_experiment_stops_the_run(
 
     monkeypatch.setattr(convergence, "run_cell", broken)
     cfg = _mini(tiny_idx_dir)  # convergence, then init
-    res = runner.run_lab(cfg, tmp_path / "run", progress=False)
+    res = runner.run_lab(cfg, tmp_path / "run", progress=False, jobs=1)
     n_conv = len(convergence.cells(cfg["experiments"]["convergence"]))
     assert res.status == "failed" and res.errors == n_conv and res.cells_run == 0
     assert "the remaining cells were not run" in res.stopped
@@ -570,7 +600,7 @@ def test_different_errors_do_not_stop_the_run(tiny_idx_dir, tmp_path, monkeypatc
         raise RuntimeError(f"cell {variant}")
 
     monkeypatch.setattr(convergence, "run_cell", broken)
-    res = runner.run_lab(_mini(tiny_idx_dir), tmp_path / "run", progress=False)
+    res = runner.run_lab(_mini(tiny_idx_dir), tmp_path / "run", progress=False, jobs=1)
     assert res.stopped is None and res.cells_run == _planned(_mini(tiny_idx_dir, ["init"]))
 
 
@@ -620,3 +650,150 @@ def test_compare_decides_by_two_standard_errors():
     assert sections.combine(["holds", "does not hold"]) == "mixed"
     with pytest.raises(ValueError, match="claim must be"):
         sections.compare(a, b, "a >= b")
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+def test_jobs_give_the_same_metrics_as_a_serial_run(tiny_idx_dir, tmp_path, reference_backend):
+    """Each cell seeds itself and shared artifacts are built once with a fixed seed, so two
+    workers produce exactly the serial run's metrics (robustness and transfer share a CNN
+    per seed between cells)."""
+    cfg = config.resolve(["init", "robustness", "transfer"], "mini", seeds=2,
+                         data=str(tiny_idx_dir))
+    serial = runner.run_lab(cfg, tmp_path / "serial", progress=False, jobs=1)
+    parallel = runner.run_lab(cfg, tmp_path / "parallel", progress=False, jobs=2)
+    assert serial.status == parallel.status == "finished"
+    assert parallel.cells_run == serial.cells_run == _planned(cfg)
+    one = {r["key"]: r["metrics"] for r in store.read_records(serial.run_dir)}
+    two = {r["key"]: r["metrics"] for r in store.read_records(parallel.run_dir)}
+    assert one == two
+    run = store.read_json(parallel.run_dir / "run.json")
+    assert run["sessions"][0]["jobs"] == 2
+    # the summaries (tables, verdicts, text) are built from the same numbers
+    strip = [line for line in serial.report_md.read_text().splitlines()
+             if "Wall time" not in line and "| " not in line]
+    assert strip == [line for line in parallel.report_md.read_text().splitlines()
+                     if "Wall time" not in line and "| " not in line]
+
+
+def test_a_failing_cell_in_a_worker_is_recorded_and_shown(tiny_idx_dir, tmp_path, capsys,
+                                                          reference_backend):
+    """A cell that raises in a worker process: recorded with its traceback, shown with its
+    error, and the run goes on (here: a corruption the worker does not know)."""
+    cfg = config.resolve(["robustness"], "mini", data=str(tiny_idx_dir),
+                         overrides={"robustness": {"corruptions": ["contrast", "nonsense"]}})
+    res = runner.run_lab(cfg, tmp_path / "run", jobs=2)
+    assert res.status == "failed" and res.errors == 1 and res.cells_run == 2
+    err = capsys.readouterr().err
+    assert "cell failed: robustness: corruption=nonsense, seed 0" in err
+    assert "corruptions.py" in err  # the innermost frame, from the worker
+    run = store.read_json(res.run_dir / "run.json")
+    assert "Traceback" in run["errors"][0]["traceback"]
+
+
+_INTERRUPTED = """
+import sys
+from bnkit import set_backend
+from bnkit.lab import config, runner
+if __name__ == "__main__":
+    set_backend("reference")
+    cfg = config.resolve(["init"], "mini", seeds=3, data=sys.argv[1],
+                         overrides={"init": {"steps": 300, "eval_every": 100}})
+    res = runner.run_lab(cfg, sys.argv[2], jobs=2)
+    print("STATUS", res.status, res.cells_run, flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_workers_and_keeps_finished_cells(tiny_idx_dir, tmp_path):
+    """Ctrl-C (SIGINT to the main process) in a parallel run: the workers are terminated,
+    the finished cells and a partial report are kept, and --resume runs the rest."""
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_idx_dir), str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # "[1/12] init: ...: done in ... s" (stdout is a pipe)
+    assert first.startswith("[1/12] init: "), first + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    status, cells_run = out.split("STATUS ")[1].split()
+    assert status == "interrupted" and 1 <= int(cells_run) < 12
+    assert len(store.read_records(run_dir)) == int(cells_run)
+    assert "PARTIAL report" in (run_dir / "report.md").read_text()
+    again = runner.run_lab({}, run_dir, resume=True, progress=False, jobs=1)
+    assert again.status == "finished" and again.cells_run == 12 - int(cells_run)
+
+
+def test_jobs_must_be_a_positive_integer(tiny_idx_dir, tmp_path):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"jobs must be an integer >= 1 \\(got {bad!r}\\)"):
+            runner.run_lab(_mini(tiny_idx_dir, ["init"]), tmp_path / "run", jobs=bad)
+    assert not (tmp_path / "run").exists()  # refused before anything is made
+
+
+def test_systematic_failure_in_workers_stops_the_run(tiny_idx_dir, tmp_path, capsys,
+                                                     reference_backend):
+    """Every convergence cell fails in the workers with one error (hidden size 0): the run
+    stops after the first experiment and terminates the workers."""
+    cfg = config.resolve(["convergence", "init"], "mini", data=str(tiny_idx_dir),
+                         overrides={"convergence": {"hidden": 0}})
+    res = runner.run_lab(cfg, tmp_path / "run", jobs=2)
+    n_conv = len(config.experiment_module("convergence").cells(cfg["experiments"]["convergence"]))
+    assert res.status == "failed" and "the remaining cells were not run" in res.stopped
+    run = store.read_json(res.run_dir / "run.json")
+    conv_errors = [e for e in run["errors"] if e["key"].startswith("convergence|")]
+    assert len(conv_errors) == n_conv
+    assert {e["error"] for e in conv_errors} == {
+        "ValueError: hidden must be a positive integer, got 0; pass a layer size or count >= 1"}
+    assert res.cells_run < len(config.experiment_module("init").cells(cfg["experiments"]["init"]))
+    assert capsys.readouterr().err.count("cell failed: convergence: ") == n_conv
+
+
+def test_paired_differences_cancel_what_a_seed_does_to_both_sides():
+    """Seeds that move both sides alike: unpaired, the spread hides a 2-point gain; paired by
+    seed, the differences (2.0, 2.1, 1.9 points) decide it."""
+    def recs(*errs):
+        return [{"seed": s, "variant": {}, "metrics": {"err": e}} for s, e in enumerate(errs)]
+
+    a, b = recs(0.30, 0.50, 0.40), recs(0.28, 0.479, 0.381)
+    assert sections.compare(sections.metric(a, "err"), sections.metric(b, "err")) == \
+        "inconclusive"
+    diffs = sections.paired(a, b, "err")
+    assert diffs == pytest.approx([0.02, 0.021, 0.019])
+    verdict, how = sections.decide(diffs, "a > b", 100, unit=" points")
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    assert verdict == "holds" and f"± {100 * se:.1f} points" in how and "3 seeds paired" in how
+    assert sections.decide(diffs, "a < b")[0] == "does not hold"
+    assert sections.paired(a, b[:2], "err") == pytest.approx([0.02, 0.021])  # common seeds
+
+
+def test_batch_size_penalty_is_decided_on_paired_seeds():
+    from bnkit.lab import batch_size
+
+    cfg = config.resolve(["batch-size"], "mini")["experiments"]["batch-size"]
+    small, big = min(cfg["norm_batches"]), cfg["batch"]
+
+    def recs(errs_small, errs_big):
+        out = []
+        for norm, k, errs in (("bn", small, errs_small), ("bn", big, errs_big)):
+            out += [{"experiment": "batch-size", "variant": {"norm": norm, "norm_batch": k},
+                     "seed": s, "metrics": {"test_err": e, "test_acc": 1 - e}}
+                    for s, e in enumerate(errs)]
+        return out
+
+    # every seed 3 points worse at the small batch, whatever the seed's own level
+    sec = batch_size.summarize(cfg, recs([0.23, 0.33, 0.28], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "holds"
+    assert "difference +3.0 ± 0.0 points (2 standard errors 0.0, 3 seeds paired)" in \
+        sec.paragraphs[1]
+    # the same mean penalty, but it changes sign across seeds: inconclusive
+    sec = batch_size.summarize(cfg, recs([0.28, 0.33, 0.23], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "inconclusive"
+    # a clear gain at the small batch contradicts the claim
+    sec = batch_size.summarize(cfg, recs([0.17, 0.27, 0.22], [0.20, 0.30, 0.25]))
+    assert sec.verdict == "does not hold"

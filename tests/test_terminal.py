@@ -76,9 +76,10 @@ def _status(run_dir: Path) -> str:
     return json.loads((run_dir / "run.json").read_text())["status"]
 
 
-def _lab(tiny_idx_dir, out: Path) -> list[str]:
+def _lab(tiny_idx_dir, out: Path, jobs: int = 2) -> list[str]:
     # the bench's numba and native variants are exercised by their own tests
-    return BNKIT + ["lab", "--mini", "--data", str(tiny_idx_dir), "--out", str(out)]
+    return BNKIT + ["lab", "--mini", "--data", str(tiny_idx_dir), "--out", str(out),
+                    "--jobs", str(jobs)]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,11 @@ def lab_env():
     return _env(BNKIT_BACKEND="reference")
 
 
-def test_lab_mini_every_experiment_finishes_in_a_terminal(tiny_idx_dir, tmp_path, lab_env):
-    code, screen = run_in_terminal(_lab(tiny_idx_dir, tmp_path / "run"), lab_env, tmp_path)
+@pytest.mark.parametrize("jobs", [1, 2])  # in this process, and in 2 worker processes
+def test_lab_mini_every_experiment_finishes_in_a_terminal(tiny_idx_dir, tmp_path, lab_env,
+                                                          jobs):
+    code, screen = run_in_terminal(_lab(tiny_idx_dir, tmp_path / "run", jobs), lab_env,
+                                   tmp_path)
     assert code == 0, screen[-3000:]
     assert _status(tmp_path / "run") == "finished"
     assert BAR.search(screen), "no progress bar was drawn:\n" + screen[-2000:]

@@ -3,7 +3,7 @@
 Serves two `bnkit` subcommands (the parser's prog name says which):
 
     bnkit lab [EXPERIMENT ...] [--quick | --full] [--seeds N] [--out DIR] [--data DIR]
-              [--threads N] [--resume RUN_DIR]
+              [--threads N] [--jobs N] [--resume RUN_DIR]
     bnkit report RUN_DIR
 
 Example:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--mini", dest="profile", action="store_const", const="mini",
                       help=argparse.SUPPRESS)  # tests: seconds on the tiny generated data
     parser.add_argument("--seeds", type=positive_int, default=None,
-                        help="seeds per cell (default 1 for --quick, 3 for --full)")
+                        help="seeds per cell (default 3; --full needs >= 3); a verdict needs >= 2")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="the run folder (default runs/<timestamp>)")
     parser.add_argument("--data", metavar="DIR", default=None,
@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch CPU threads (default 1: these small models run fastest "
                              "single-threaded on a shared 2-core machine)")
+    parser.add_argument("--jobs", type=positive_int, default=None,
+                        help="cells run at the same time, each in a worker process with "
+                             "--threads torch threads (default: the number of CPU cores; 1 "
+                             "runs them in this process); the metrics do not depend on it")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue an interrupted run with its saved config, skipping "
                              "finished cells")
@@ -68,12 +72,13 @@ def run_lab_command(args) -> int:
 
     if args.resume:
         _check_resume(args)
-        result = run_lab({}, args.resume, resume=True, progress=not args.no_progress)
+        result = run_lab({}, args.resume, resume=True, progress=not args.no_progress,
+                         jobs=args.jobs)
     else:
         config = resolve(args.experiments, args.profile or "quick", args.seeds, args.threads,
                          args.data)
         try:
-            result = run_lab(config, args.out, progress=not args.no_progress)
+            result = run_lab(config, args.out, progress=not args.no_progress, jobs=args.jobs)
         except FileNotFoundError as exc:  # the loader's root= is this command's --data
             if args.data is not None:
                 raise

@@ -8,7 +8,7 @@ variants alike. The run uses the lab's thread count.
 from __future__ import annotations
 
 from . import plots
-from .sections import Section, Table, by, fmt, mean, verdict_of
+from .sections import Section, Table, by, combine, compare, evidence, fmt, mean
 
 NAME = "kernels"
 USES_DATA = False  # synthetic tensors: runs without Fashion-MNIST
@@ -21,7 +21,7 @@ PROFILES = {
     "mini": {**_BASE, "cases": [[[64, 8, 4, 4], "nchw"], [[256, 32], "nc"]], "repeats": 2,
              "models": False},
     "quick": {**_BASE, "cases": [[[32, 64, 28, 28], "nchw"], [[8192, 256], "nc"]],
-              "repeats": 5},
+              "repeats": 3},
     "full": {**_BASE, "cases": [[[64, 64, 56, 56], "nchw"], [[64, 64, 56, 56], "nhwc"],
                                 [[32, 256, 14, 14], "nchw"], [[256, 1024], "nc"],
                                 [[8192, 256], "nc"]], "repeats": 15},
@@ -77,14 +77,15 @@ def summarize(cfg: dict, records: list[dict]) -> Section:
     sp = _speedups(groups)
     rows = [[case, phase, var, fmt(vals, digits=2)] for (case, phase), d in sp.items()
             for var, vals in d.items()]
-    flags, paragraphs = [], []
+    checks, paragraphs = [], []
     for (case, phase), d in sp.items():
         if phase == "fwd+bwd":
             best = max(d, key=lambda v: mean(d[v]))
-            flags.append(mean(d[best]) >= 1.0)
+            checks.append(compare(d[best], 1.0, "a > b"))
             paragraphs.append(f"{case}, training forward + backward: fastest bnkit variant "
-                              f"'{best}' at {mean(d[best]):.2f}x torch's speed "
-                              f"({'at least as fast' if flags[-1] else 'SLOWER than torch'}).")
+                              f"'{best}' at {mean(d[best]):.2f}x torch's speed; faster than "
+                              f"torch: {checks[-1]} (speed ratio minus 1: "
+                              f"{evidence(d[best], 1.0, digits=2)}).")
     models = _model_rows(groups)
     if models:
         paragraphs.append("Training step of two small models (ms per step, bnkit layers on each "
@@ -104,5 +105,5 @@ def summarize(cfg: dict, records: list[dict]) -> Section:
     best_all = max((mean(d[v]) for (c, p), d in sp.items() if p == "fwd+bwd" for v in d),
                    default=float("nan"))
     return Section(NAME, TITLE, CLAIM, f"best bnkit fwd+bwd: {best_all:.2f}x torch",
-                   verdict_of(flags), paragraphs,
+                   combine(checks), paragraphs,
                    Table(["case", "phase", "variant", "x torch"], rows), fig)

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import plots
 from .models import RowRNN
-from .sections import Section, Table, by, finite, fmt, mean, metric, pct, verdict_of
+from .sections import Section, Table, by, compare, evidence, finite, fmt, mean, metric, pct
 from .train import evaluate, fit, images, subset
 
 NAME = "recurrent"
@@ -87,17 +87,19 @@ def summarize(cfg: dict, records: list[dict]) -> Section:
     groups = by(records, "cell")
     lstm, bn = groups.get(("lstm",), []), groups.get(("bnlstm",), [])
     la, ba = mean(metric(lstm, "final_acc")), mean(metric(bn, "final_acc"))
-    flags, paragraphs = [], []
+    verdict, paragraphs = "not run", []
     if finite(la, ba):
-        flags.append(ba > la)
+        verdict = compare(metric(bn, "final_acc"), metric(lstm, "final_acc"), "a > b")
         mid = len(bn[0]["metrics"]["acc"]) // 2
         lm = mean([r["metrics"]["acc"][mid] for r in lstm])
         bm = mean([r["metrics"]["acc"][mid] for r in bn])
         paragraphs.append(
             f"After {cfg['steps']:,} steps of batch {cfg['batch']} (hidden size {cfg['hidden']}):"
             f" BN-LSTM {pct(ba)} test accuracy, LSTM {pct(la)}; at step "
-            f"{bn[0]['metrics']['steps'][mid]:,}: {pct(bm)} vs {pct(lm)}. The claim "
-            f"{'holds' if ba > la else 'does NOT hold'} in this short run.")
+            f"{bn[0]['metrics']['steps'][mid]:,}: {pct(bm)} vs {pct(lm)}. In this short run the "
+            f"claim {'is ' if verdict == 'inconclusive' else ''}{verdict} (BN-LSTM minus LSTM: "
+            f"{evidence(metric(bn, 'final_acc'), metric(lstm, 'final_acc'), 100, unit=' points')})"
+            ".")
     fig, (a, b) = plots.figure(2, 1)
     for i, (kind, recs) in enumerate((("LSTM", lstm), ("BN-LSTM", bn))):
         if recs:
@@ -107,5 +109,5 @@ def summarize(cfg: dict, records: list[dict]) -> Section:
     plots.finish(a, "test accuracy", "step", "%")
     plots.finish(b, "training loss (mean since last evaluation)", "step", "cross-entropy")
     rows = [[k, fmt(metric(r, "final_acc"), 100)] for k, r in (("LSTM", lstm), ("BN-LSTM", bn))]
-    return Section(NAME, TITLE, CLAIM, f"BN-LSTM {pct(ba)} vs LSTM {pct(la)}", verdict_of(flags),
+    return Section(NAME, TITLE, CLAIM, f"BN-LSTM {pct(ba)} vs LSTM {pct(la)}", verdict,
                    paragraphs, Table(["cell", "final test acc %"], rows), fig)

@@ -20,7 +20,8 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 color:#222;line-height:1.45}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f2f2f2}
 img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.6em;overflow:auto;
-font-size:.85em}.holds{color:#17702b}.does-not-hold{color:#b3261e}.mixed{color:#a15c00}"""
+font-size:.85em}.holds{color:#17702b}.does-not-hold{color:#b3261e}.mixed{color:#a15c00}
+.inconclusive{color:#5f6368;font-style:italic}"""
 
 
 def duration(seconds: float) -> str:
@@ -120,9 +121,10 @@ def header_lines(ctx: dict) -> list[str]:
     status = run.get("status", "unknown")
     lines = [(f"Run {ctx['name']}: profile {cfg['profile']}, {cfg['seeds']} seed(s) per "
               f"cell, {cfg['threads']} thread(s), status {status}. Wall time {duration(wall)} "
-              f"from start to the last cell over {len(sessions)} session(s), process CPU time "
-              f"{duration(cpu)} (wall time well above CPU time x threads means other processes "
-              "shared the CPU).")]
+              f"from start to the last cell over {len(sessions)} session(s), CPU time "
+              f"{duration(cpu)} (the main process and the cells in worker processes; wall "
+              "time well above CPU time x threads / jobs means other processes shared the "
+              "CPU).")]
     if status != "finished":
         lines.append("This is a PARTIAL report: only the cells that finished are shown; "
                      "`bnkit lab --resume` runs the rest.")

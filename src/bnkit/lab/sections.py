@@ -119,30 +119,87 @@ def verdict_of(flags: list[bool]) -> str:
     return "does not hold" if not any(flags) else "mixed"
 
 
+def _difference(a, b) -> tuple[float, float, int, int] | None:
+    """(mean(a) - mean(b), its standard error, n_a, n_b); b may be a fixed number (n_b 0,
+    no error). None when a group has fewer than 2 finite values."""
+    sa = spread(a)
+    if isinstance(b, (int, float)):
+        sb = Spread(float(b), 0.0, float(b), float(b), 0)
+    else:
+        sb = spread(b)
+        if sb is not None and sb.n < 2:
+            return None
+    if sa is None or sb is None or sa.n < 2:
+        return None
+    se = math.sqrt(sa.std ** 2 / sa.n + (sb.std ** 2 / sb.n if sb.n else 0.0))
+    return sa.mean - sb.mean, se, sa.n, sb.n
+
+
 def compare(a, b, claim: str = "a > b") -> str:
     """Decide a claim about two groups of per-seed values from their seed-to-seed spread.
 
     The difference of the means, d = mean(a) - mean(b), has the standard error
     se = sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances). The claim "a > b" holds when
     d > 2 se, does not hold when d < -2 se, and is inconclusive otherwise, or when either group
-    has fewer than 2 finite values ("a < b" is the mirror image).
+    has fewer than 2 finite values ("a < b" is the mirror image). `b` may also be a fixed
+    number (a bound such as 1.0x), which has no spread of its own.
 
     Example:
         >>> compare([0.90, 0.91, 0.92], [0.80, 0.81, 0.79])
         'holds'
         >>> compare([0.90, 0.70, 0.85], [0.80, 0.81, 0.79])
         'inconclusive'
+        >>> compare([1.30, 1.35, 1.32], 1.0)
+        'holds'
     """
     if claim not in ("a > b", "a < b"):
         raise ValueError(f"claim must be 'a > b' or 'a < b', got {claim!r}")
-    sa, sb = spread(a), spread(b)
-    if sa is None or sb is None or sa.n < 2 or sb.n < 2:
+    diff = _difference(a, b)
+    if diff is None:
         return "inconclusive"
-    d = (sa.mean - sb.mean) * (1 if claim == "a > b" else -1)
-    se = math.sqrt(sa.std ** 2 / sa.n + sb.std ** 2 / sb.n)
+    d, se = diff[0] * (1 if claim == "a > b" else -1), diff[1]
     if d > SE_MULTIPLE * se:
         return "holds"
     return "does not hold" if d < -SE_MULTIPLE * se else "inconclusive"
+
+
+def paired(a: list[dict], b: list[dict], value) -> list[float]:
+    """Per-seed differences value(a) - value(b) over the seeds both groups finished, in seed
+    order; `value` is a metric name or a function of a record.
+
+    Use it where the same seed gives both sides the same initial weights and batches: the
+    differences cancel what the seed does to both, and `compare(paired(...), 0.0)` decides
+    on their spread.
+
+    Example:
+        >>> recs = lambda *v: [{"seed": s, "metrics": {"err": e}} for s, e in enumerate(v)]
+        >>> [round(d, 2) for d in paired(recs(0.3, 0.5), recs(0.2, 0.45), "err")]
+        [0.1, 0.05]
+    """
+    get = (lambda r: r["metrics"].get(value)) if isinstance(value, str) else value
+    bs = {r["seed"]: get(r) for r in b}
+    return [get(r) - bs[r["seed"]] for r in sorted(a, key=lambda r: r["seed"])
+            if r["seed"] in bs and get(r) is not None and bs[r["seed"]] is not None]
+
+
+def evidence(a, b, scale: float = 1.0, digits: int = 1, unit: str = "",
+             is_paired: bool = False) -> str:
+    """How `compare(a, b)` was decided, in words: 'difference +2.1 ± 0.4 points (2 standard
+    errors 0.8, n=3 vs 3)', the ± being one standard error; or why nothing was decided.
+    With is_paired, `a` holds per-seed differences (`paired`) and `b` is 0.
+
+    Example:
+        >>> evidence([0.90, 0.91, 0.92], [0.80, 0.81, 0.79], 100, unit=" points")
+        'difference +11.0 ± 0.8 points (2 standard errors 1.6, n=3 vs 3)'
+    """
+    diff = _difference(a, b)
+    if diff is None:
+        return "fewer than 2 seeds on a side, so the spread is unknown and nothing is decided"
+    d, se, na, nb = diff
+    vs = (f"n={na} vs {nb}" if nb else f"{na} seeds paired" if is_paired
+          else f"n={na} against the fixed value")
+    return (f"difference {d * scale:+,.{digits}f} ± {se * scale:,.{digits}f}{unit} "
+            f"(2 standard errors {SE_MULTIPLE * se * scale:,.{digits}f}, {vs})")
 
 
 def combine(verdicts: list[str]) -> str:
@@ -169,3 +226,16 @@ def by(records: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 def metric(records: list[dict], name: str) -> list:
     """The values of one metric across records (seeds)."""
     return [rec["metrics"].get(name) for rec in records]
+
+
+def decide(diffs: list[float], claim: str, scale: float = 1.0, digits: int = 1,
+           unit: str = "") -> tuple[str, str]:
+    """(verdict, how) for per-seed paired differences a - b: `compare(diffs, 0.0, claim)` and
+    `evidence` in words.
+
+    Example:
+        >>> decide([0.10, 0.12, 0.11], "a > b", 100, unit=" points")[0]
+        'holds'
+    """
+    return (compare(diffs, 0.0, claim),
+            evidence(diffs, 0.0, scale, digits, unit, is_paired=True))

@@ -7,7 +7,8 @@
                        (written when the run starts and when each session ends)
       metrics.jsonl    one JSON line per finished cell: experiment, variant, seed, key,
                        wall_s, metrics
-      artifacts/       models shared by several cells (e.g. the pretrained CNN)
+      artifacts/       models shared by several cells (e.g. the pretrained CNN), each with
+                       a .lock file held while one process builds it
       plots/           one PNG per experiment
       .lock            held by the process running cells here (see `locked`)
       report.md        the report; report.html is the same, self-contained
@@ -162,6 +163,21 @@ def locked(run_dir: Path):
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if missing), waiting for another process
+    that holds it; released when the block ends or the process dies."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
