@@ -64,3 +64,22 @@ def bn_path(request, monkeypatch):
         pytest.skip("native op unavailable")
     yield name
     bnkit.set_backend(before)
+
+
+@pytest.fixture(scope="session")
+def mini_lab(tiny_idx_dir, tmp_path_factory):
+    """run(name, seeds=2) -> (config, RunResult): one experiment's mini profile on the tiny
+    data set, in this process, on the reference backend (no kernel compilation)."""
+    import bnkit
+    from bnkit.lab import config, runner
+
+    def run(name: str, seeds: int = 2):
+        previous = bnkit.get_backend()
+        bnkit.set_backend("reference")
+        try:
+            cfg = config.resolve([name], "mini", seeds=seeds, data=str(tiny_idx_dir))
+            return cfg, runner.run_lab(cfg, tmp_path_factory.mktemp(name) / "run",
+                                       progress=False, strict=True)
+        finally:
+            bnkit.set_backend(previous)
+    return run

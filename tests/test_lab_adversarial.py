@@ -6,22 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-import bnkit
 from bnkit.demo import DemoData
-from bnkit.lab import adversarial, config, runner, store
+from bnkit.lab import adversarial, store
 
 
 @pytest.fixture(scope="module")
-def mini_run(tiny_idx_dir, tmp_path_factory):
-    previous = bnkit.get_backend()
-    bnkit.set_backend("reference")  # no kernel compilation in a short run
-    try:
-        cfg = config.resolve(["adversarial"], "mini", seeds=2, data=str(tiny_idx_dir))
-        res = runner.run_lab(cfg, tmp_path_factory.mktemp("adv") / "run", progress=False,
-                             strict=True)
-    finally:
-        bnkit.set_backend(previous)
-    return cfg, res
+def mini_run(mini_lab):
+    return mini_lab("adversarial")
 
 
 def test_mini_run_attacks_both_networks(mini_run):

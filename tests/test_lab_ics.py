@@ -8,21 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bnkit
-from bnkit.lab import config, ics, runner, store
+from bnkit.lab import ics, store
 
 
 @pytest.fixture(scope="module")
-def mini_run(tiny_idx_dir, tmp_path_factory):
-    previous = bnkit.get_backend()
-    bnkit.set_backend("reference")
-    try:
-        cfg = config.resolve(["ics"], "mini", seeds=2, data=str(tiny_idx_dir))
-        result = runner.run_lab(cfg, tmp_path_factory.mktemp("lab") / "run", progress=False,
-                                strict=True)
-    finally:
-        bnkit.set_backend(previous)
-    return cfg, result
+def mini_run(mini_lab):
+    return mini_lab("ics")
 
 
 def test_mini_run_reports_every_cell(mini_run):

@@ -9,21 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import bnkit
-from bnkit.lab import config, norms, runner, store
+from bnkit.lab import norms, store
 from bnkit.lab.models import make_cnn
 
 
 @pytest.fixture(scope="module")
-def mini_run(tiny_idx_dir, tmp_path_factory):
-    previous = bnkit.get_backend()
-    bnkit.set_backend("reference")  # no kernel compilation in a short run
-    try:
-        cfg = config.resolve(["norms"], "mini", seeds=2, data=str(tiny_idx_dir))
-        res = runner.run_lab(cfg, tmp_path_factory.mktemp("norms") / "run", progress=False,
-                             strict=True)
-    finally:
-        bnkit.set_backend(previous)
-    return cfg, res
+def mini_run(mini_lab):
+    return mini_lab("norms")
 
 
 def test_mini_run_measures_every_norm_at_every_batch(mini_run):

@@ -7,22 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import bnkit
 from bnkit import nn as bnn
-from bnkit.lab import config, regularization, runner, store
+from bnkit.lab import regularization, store
 
 
 @pytest.fixture(scope="module")
-def mini_run(tiny_idx_dir, tmp_path_factory):
-    previous = bnkit.get_backend()
-    bnkit.set_backend("reference")
-    try:
-        cfg = config.resolve(["regularization"], "mini", seeds=2, data=str(tiny_idx_dir))
-        result = runner.run_lab(cfg, tmp_path_factory.mktemp("lab") / "run", progress=False,
-                                strict=True)
-    finally:
-        bnkit.set_backend(previous)
-    return cfg, result
+def mini_run(mini_lab):
+    return mini_lab("regularization")
 
 
 def test_mini_run_reports_every_cell(mini_run):

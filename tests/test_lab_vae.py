@@ -7,21 +7,12 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-import bnkit
-from bnkit.lab import config, runner, store, vae
+from bnkit.lab import store, vae
 
 
 @pytest.fixture(scope="module")
-def mini_run(tiny_idx_dir, tmp_path_factory):
-    previous = bnkit.get_backend()
-    bnkit.set_backend("reference")  # no kernel compilation in a short run
-    try:
-        cfg = config.resolve(["vae"], "mini", seeds=2, data=str(tiny_idx_dir))
-        res = runner.run_lab(cfg, tmp_path_factory.mktemp("vae") / "run", progress=False,
-                             strict=True)
-    finally:
-        bnkit.set_backend(previous)
-    return cfg, res
+def mini_run(mini_lab):
+    return mini_lab("vae")
 
 
 def test_mini_run_trains_every_model_and_shows_images(mini_run):
