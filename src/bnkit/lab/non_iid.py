@@ -18,14 +18,13 @@ last `late_evals` evaluations ("late accuracy").
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as bnn
 from ..demo import batch_indices
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, subset
+from .train import evaluate, fit, subset
 
 NAME = "non-iid"
 TITLE = "Non-i.i.d. minibatches: BN against Batch Renorm"
@@ -119,19 +118,12 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     order = (batch_indices(len(x), cfg["batch"], gen) if variant["sampling"] == "iid"
              else class_batches(y, cfg["batch"], cfg["classes_per_batch"], gen))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
-    steps, accs = [], []
-    model.train()
     with ctx.bar(cfg["steps"], f"{variant['norm']}, {variant['sampling']}") as bar:
-        for step in range(1, cfg["steps"] + 1):
-            idx = next(order)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            bar.advance()
-            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-                steps.append(step)
-                accs.append(evaluate(model, data.x_test, data.y_test))
+        rows = fit(model, x, y, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                   momentum=cfg["momentum"], bar=bar, eval_every=cfg["eval_every"],
+                   eval_fn=lambda m: {"acc": evaluate(m, data.x_test, data.y_test)},
+                   order=order)
+    steps, accs = [r["step"] for r in rows], [r["acc"] for r in rows]
     late = accs[-cfg["late_evals"]:]
     return {"steps": steps, "acc": accs, "final_acc": accs[-1], "late_acc": sum(late) / len(late)}
 

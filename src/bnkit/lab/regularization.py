@@ -22,14 +22,12 @@ import copy
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as bnn
-from ..demo import batch_indices
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, subset
+from .train import evaluate, fit, subset
 
 NAME = "regularization"
 TITLE = "BN as a regularizer, with L2 and Dropout"
@@ -161,21 +159,14 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     reg = variant["reg"]
     model = make_model(reg, cfg["hidden"], cfg["dropout"], x.shape[1], seed)
     wd = cfg["weight_decay"] if reg.endswith("l2") else 0.0
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=wd)
-    order = batch_indices(len(x), cfg["batch"], torch.Generator().manual_seed(seed))
-    rows = []
-    model.train()
+    def eval_fn(m):
+        return {"acc": evaluate(m, data.x_test, data.y_test), "norm": _hidden_weight_norm(m)}
+
     with ctx.bar(cfg["steps"], reg) as bar:
-        for step in range(1, cfg["steps"] + 1):
-            idx = next(order)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            bar.advance()
-            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-                rows.append((step, evaluate(model, data.x_test, data.y_test),
-                             _hidden_weight_norm(model)))
+        fitted = fit(model, x, y, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                     momentum=cfg["momentum"], seed=seed, bar=bar,
+                     eval_every=cfg["eval_every"], eval_fn=eval_fn, weight_decay=wd)
+    rows = [(r["step"], r["acc"], r["norm"]) for r in fitted]
     train_acc = evaluate(model, x, y)
     out = {"steps": [r[0] for r in rows], "test_acc": [r[1] for r in rows],
            "weight_norm": [r[2] for r in rows], "final_test_acc": rows[-1][1],

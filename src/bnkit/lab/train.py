@@ -82,8 +82,10 @@ def class_subset(x, y, classes, per_class: int | None = None, seed: int = 0):
 
 
 OPTIMIZERS = {
-    "sgd": lambda params, lr, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum),
-    "rmsprop": lambda params, lr, momentum: torch.optim.RMSprop(params, lr=lr),
+    "sgd": lambda params, lr, momentum, wd: torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                                            weight_decay=wd),
+    "rmsprop": lambda params, lr, momentum, wd: torch.optim.RMSprop(params, lr=lr,
+                                                                    weight_decay=wd),
 }
 
 
@@ -104,7 +106,8 @@ def _step(model, xb, yb, micro: int | None) -> float:
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int,
         lr: float, momentum: float = 0.9, micro: int | None = None, params=None, seed: int = 0,
         optimizer: str = "sgd", clip: float | None = None, bar=None,
-        eval_every: int | None = None, eval_fn=None) -> list[dict]:
+        eval_every: int | None = None, eval_fn=None, weight_decay: float = 0.0,
+        order=None) -> list[dict]:
     """Train on cross-entropy (SGD with momentum by default); return the evaluation rows.
 
     Args:
@@ -119,6 +122,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         clip: clip the gradient norm to this value before each step (default None: no).
         bar: optional `bnkit.progress.Bar`, advanced once per step.
         eval_every, eval_fn: call eval_fn(model) -> dict every eval_every steps and at the end.
+        weight_decay: L2 penalty of the optimizer (default 0).
+        order: iterator of index tensors (batch,) to train on (default None: a seeded random
+            permutation per epoch, `batch_indices`); e.g. class-skewed batches.
 
     Returns: [{"step", "train_loss", **eval_fn(model)}] (empty without eval_fn).
 
@@ -134,8 +140,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch
         raise ValueError(f"batch must be at most the number of training examples ({len(x)}), "
                          f"got {batch}; lower the batch size or use more data")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    opt = OPTIMIZERS[optimizer](params, lr, momentum)
-    order = batch_indices(len(x), batch, torch.Generator().manual_seed(seed))
+    opt = OPTIMIZERS[optimizer](params, lr, momentum, weight_decay)
+    if order is None:
+        order = batch_indices(len(x), batch, torch.Generator().manual_seed(seed))
     rows, losses = [], []
     model.train()
     for step in range(1, steps + 1):
