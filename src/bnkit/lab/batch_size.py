@@ -43,7 +43,8 @@ PROFILES = {
              "train_subset": 128, "test_subset": 64},
     "quick": {**_BASE, "model": "mlp", "lr": 0.1, "steps": 200, "norm_batches": [2, 8, 32],
               "norms": ["bn", "renorm", "group"], "train_subset": None, "test_subset": 2000},
-    "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
+    "full": {**_BASE, "steps": 750, "norm_batches": [2, 8, 32], "train_subset": None,
+             "test_subset": None},  # 0.4 epoch
 }
 
 

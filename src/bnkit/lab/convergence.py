@@ -27,9 +27,9 @@ _BASE = {"hidden": 100, "depth": 3, "batch": 60, "init_std": 1 / 28, "unit": 0,
 PROFILES = {
     "mini": {**_BASE, "lrs": [0.1, 1.0], "steps": 30, "eval_every": 10, "batch": 16,
              "target": 0.3, "test_subset": 128, "probe": 64},
-    "quick": {**_BASE, "steps": 300, "eval_every": 20, "target": 0.75, "test_subset": 1000,
+    "quick": {**_BASE, "steps": 240, "eval_every": 20, "target": 0.75, "test_subset": 1000,
               "probe": 500},
-    "full": {**_BASE, "steps": 10000, "eval_every": 250, "target": 0.80, "test_subset": None,
+    "full": {**_BASE, "steps": 5000, "eval_every": 250, "target": 0.80, "test_subset": None,
              "probe": 1000},
 }
 

@@ -29,7 +29,7 @@ PROFILES = {
              "timing_batch": 16, "repeats": 3, "test_subset": 64},
     "quick": {**_BASE, "train_steps": 10, "timing_batch": 128, "repeats": 10,
               "test_subset": 500},
-    "full": {**_BASE, "train_steps": 300, "repeats": 50, "test_subset": None},
+    "full": {**_BASE, "train_steps": 300, "repeats": 20, "test_subset": None},
 }
 
 

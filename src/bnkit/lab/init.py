@@ -24,7 +24,7 @@ PROFILES = {
     "mini": {**_BASE, "init_stds": [0.01, 1.0], "steps": 20, "eval_every": 10, "batch": 16,
              "test_subset": 128},
     "quick": {**_BASE, "steps": 200, "eval_every": 25, "test_subset": 1000},
-    "full": {**_BASE, "steps": 5000, "eval_every": 250, "test_subset": None},
+    "full": {**_BASE, "steps": 2500, "eval_every": 250, "test_subset": None},
 }
 
 

@@ -27,7 +27,7 @@ PROFILES = {
     "mini": {**_BASE, "hidden": 8, "batch": 16, "steps": 4, "eval_every": 2,
              "test_subset": 64},
     "quick": {**_BASE, "steps": 60, "eval_every": 10, "test_subset": 1000},
-    "full": {**_BASE, "hidden": 100, "lr": 1e-3, "steps": 2000, "eval_every": 100,
+    "full": {**_BASE, "hidden": 100, "lr": 1e-3, "steps": 1000, "eval_every": 100,
              "test_subset": None},
 }
 

@@ -31,7 +31,7 @@ PROFILES = {
              "severities": [1, 5], "adapt_batch": 32},
     "quick": {**_BASE, "widths": [8, 16], "steps": 300, "severities": [1, 3, 5],
               "train_subset": None, "test_subset": 300},
-    "full": {**_BASE, "steps": 1875, "train_subset": None, "test_subset": None},  # 1 epoch
+    "full": {**_BASE, "steps": 1000, "train_subset": None, "test_subset": 5000},
 }
 
 

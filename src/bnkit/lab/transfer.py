@@ -39,7 +39,7 @@ PROFILES = {
              "ft_steps": 5, "test_subset": 128},
     "quick": {**_BASE, "widths": [8, 16], "ks": [10, 1000], "pretrain_steps": 300,
               "ft_steps": 40, "test_subset": 2000},
-    "full": {**_BASE, "pretrain_steps": 1875, "ft_steps": 500, "test_subset": None},
+    "full": {**_BASE, "pretrain_steps": 1000, "ft_steps": 300, "test_subset": None},
 }
 
 
