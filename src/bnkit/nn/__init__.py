@@ -4,6 +4,7 @@ from .base import NormBase
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
+from .inplace_abn import InPlaceABN, InPlaceABNSync, load_inplace_abn_state_dict
 from .recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
 from .registry import available_norms, get_norm, register_norm
 from .renorm import BatchRenorm, renorm_schedule
@@ -19,10 +20,13 @@ __all__ = [
     "BatchRenorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
+    "InPlaceABN",
+    "InPlaceABNSync",
     "NormBase",
     "RecurrentBatchNorm",
     "available_norms",
     "get_norm",
+    "load_inplace_abn_state_dict",
     "register_norm",
     "renorm_schedule",
 ]

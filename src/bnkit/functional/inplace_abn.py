@@ -1,0 +1,321 @@
+"""In-place activated batch normalization: BN + an invertible activation that keeps only its
+output for the backward (Rota Bulò, Porzi & Kontschieder, CVPR 2018).
+
+Forward, per channel (s = 1/sqrt(var + eps), the statistics of the core's `batch_stats`):
+    z = w (x - mu) s + b,    y = f(z)                 f: leaky_relu, elu or identity
+y is written into x's storage when that is safe (`can_overwrite`) and y is the only
+full-size tensor saved. The backward recovers, from y alone (derivation in docs/math.md,
+section "In-place activated BN"):
+    z = f^-1(y),   dz = dy f'(z) (f' read from y),   x - mu = (z - b) / (w s)
+and then runs the core's own reduce and elementwise steps on the recovered centred input:
+    sum_dz = sum dz,  sum_dz_xmu = sum dz (x - mu),  db = sum_dz,  dw = s sum_dz_xmu
+    dx = w s (dz - sum_dz/n - (x - mu) s^2 sum_dz_xmu / n)       (training; eval: w s dz)
+Sync BN all-reduces (sum_dz, sum_dz_xmu) between the two steps, as `sync.py` does.
+
+Channels whose scale w is near zero relative to b (`near_zero_scale`) cannot be recovered
+from y to the output's precision (at w = 0, y = f(b) holds no trace of x): for them alone the
+input is saved as well (a copy of those channels), so the layer stays exact BN + activation
+for every w, with the memory saving on all other channels. ReLU is refused: it maps every
+z <= 0 to 0, so z, and with it x, cannot be recovered.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from ..errors import BNValueError
+from . import checks
+from .backward import backward_elemt, backward_reduce, grad_affine
+from .normalize import affine_coeffs, inv_std, normalize
+from .running import update_running
+from .stats import acc_dtype, batch_stats, channel_view, compute_dtype
+
+__all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
+
+INVERTIBLE = ("leaky_relu", "elu", "identity")
+# |w| below |b| / NEAR_ZERO_RATIO loses over log2(ratio) bits of x - mu in the inversion
+NEAR_ZERO_RATIO = 64.0
+TINY_SCALE = 1e-12  # and any |w| below this (z = w x_hat would be denormal-sized)
+
+
+def check_invertible(act, act_param) -> None:
+    """act in INVERTIBLE with a parameter that keeps it invertible (slope, alpha > 0)."""
+    if act == "relu":
+        raise BNValueError("InPlaceABN cannot use 'relu': ReLU maps every negative value to 0, so "
+                           "the backward could not recover the normalized input from the output "
+                           "(the layer keeps only the output); use act='leaky_relu' (e.g. "
+                           "act_param=0.01), or BatchNormAct(C, act='relu') which keeps its input")
+    if not isinstance(act, str) or act not in INVERTIBLE:
+        raise BNValueError(f"InPlaceABN activation must be one of {list(INVERTIBLE)} (got "
+                           f"{act!r}): the backward inverts it; use BatchNormAct for any other "
+                           "activation")
+    if act == "identity":
+        return
+    if isinstance(act_param, bool) or not isinstance(act_param, (int, float)) or \
+            not act_param > 0:
+        what = "negative slope" if act == "leaky_relu" else "alpha"
+        raise BNValueError(f"InPlaceABN act_param (the {act} {what}) must be a number > 0 (got "
+                           f"{act_param!r}): at 0 the activation is ReLU on the negative side and "
+                           "cannot be inverted; the usual value is 0.01 for leaky_relu, 1.0 for "
+                           "elu")
+
+
+def apply_invertible(z, act: str, p: float, inplace: bool):
+    """f(z), in place on z when `inplace`."""
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, p, inplace=inplace)
+    if act == "elu":
+        return torch.nn.functional.elu(z, p, inplace=inplace)
+    return z
+
+
+def invert(y, dy, act: str, p: float):
+    """(z, dz): the pre-activation z = f^-1(y) and dz = dy f'(z), both from y.
+
+    leaky_relu (slope p > 0): z = y for y > 0 else y / p; f' = 1 for y > 0 else p.
+    elu (alpha p > 0): z = y for y > 0 else log1p(y / p); f' = 1 for y > 0 else y + p
+    (= p e^z). A saturated elu output (y = -p in floating point, z below about -37 in float64
+    or -17 in float32) is clamped to the nearest invertible value (docs/layers/inplace_abn.md).
+    At z = 0 the derivative is torch's (p for leaky_relu, p for elu).
+    """
+    if act == "identity":
+        return y, dy
+    pos = y > 0
+    if act == "leaky_relu":
+        return torch.where(pos, y, y / p), torch.where(pos, dy, dy * p)
+    ratio = (y / p).clamp_min(-1 + torch.finfo(y.dtype).eps)
+    return torch.where(pos, y, torch.log1p(ratio)), torch.where(pos, dy, dy * (y + p))
+
+
+def near_zero_scale(weight, bias):
+    """(C,) bool: channels whose x - mu cannot be recovered from z = w (x - mu) s + b to the
+    output's precision: |w| * NEAR_ZERO_RATIO <= |b|, or |w| < TINY_SCALE (w = 0 included).
+    None when there is no weight (the scale is 1)."""
+    if weight is None:
+        return None
+    w = weight.detach().abs()
+    b = torch.zeros_like(w) if bias is None else bias.detach().abs().to(w.dtype)
+    return (w * NEAR_ZERO_RATIO <= b) | (w < TINY_SCALE)
+
+
+def can_overwrite(x) -> bool:
+    """Whether the forward may write its output into x's storage: x is an intermediate
+    result of autograd (not a leaf: never a parameter, an input that requires grad, or data
+    the caller made) and not a view (its base might be read by others, and torch's view
+    rebasing for custom Functions has corner cases), and not an inference tensor."""
+    return x.grad_fn is not None and x._base is None and not x.is_inference()
+
+
+def _write_output(x, mean, invstd, weight, bias, axis, act, p, overwrite: bool):
+    """y = f(w (x - mu) s + b), into x itself when `overwrite`, else a new tensor. The
+    arithmetic of the core's `normalize` ((x - mean_hi) * scale + shift in the compute dtype,
+    the activation before rounding to x's dtype)."""
+    cdt = compute_dtype(x.dtype)
+    mean_hi, scale, shift = affine_coeffs(mean, invstd, weight, bias, cdt)
+    nd = x.dim()
+    mean_hi, scale, shift = (channel_view(v, nd, axis) for v in (mean_hi, scale, shift))
+    if overwrite and cdt == x.dtype:  # no temporary of x's size
+        x.sub_(mean_hi).mul_(scale).add_(shift)
+        return apply_invertible(x, act, p, inplace=True)
+    y = torch.addcmul(shift, x.to(cdt) - mean_hi, scale)
+    y = apply_invertible(y, act, p, inplace=True).to(x.dtype)
+    return x.copy_(y) if overwrite else y
+
+
+class InPlaceABNFunction(torch.autograd.Function):
+    """(x, weight, bias, mean, invstd, count, ...) -> y = f(BN(x)), saving y (+ per-channel
+    tensors, + the near-zero-scale channels of x). mean, invstd, count are the statistics the
+    call normalizes with (batch or running, local or global); they carry no gradient, the
+    training backward accounts for their dependence on x. `group` is None (local) or the
+    process group whose ranks all-reduce the backward sums."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count, args):
+        axis, act, p, _, inplace, _ = args
+        small = near_zero_scale(weight, bias)
+        idx = None if small is None or not bool(small.any()) else small.nonzero().flatten()
+        x_small = None if idx is None else x.detach().index_select(axis, idx)
+        overwrite = inplace and can_overwrite(x)
+        y = _write_output(x.detach() if not overwrite else x, mean, invstd, weight, bias, axis,
+                          act, p, overwrite)
+        if overwrite:
+            ctx.mark_dirty(x)
+            y = x
+        ctx.save_for_backward(y, weight, bias, mean, invstd, count, idx, x_small)
+        ctx.args = args
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        y, weight, bias, mean, invstd, count, idx, x_small = ctx.saved_tensors
+        axis, act, p, training, _, group = ctx.args
+        z, dz = invert(y, dy, act, p)
+        xmu = centred_input(z, weight, bias, invstd, axis)
+        if idx is not None:  # the channels saved as input: x - mu directly
+            rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
+                                                        axis)
+            xmu = xmu.index_copy(axis, idx, rows)
+        zero = torch.zeros_like(mean)
+        sum_dz, sum_dz_xmu = backward_reduce(dz, xmu, zero, axis)
+        g_dz, g_dz_xmu = sum_dz, sum_dz_xmu
+        if group is not None and training:
+            both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
+            dist.all_reduce(both, group=group)
+            g_dz, g_dz_xmu = both.split(sum_dz.shape[0])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count, axis,
+                                None, training)
+        dweight, dbias = grad_affine(sum_dz, sum_dz_xmu, invstd)
+        dweight = None if weight is None else dweight.to(weight.dtype)
+        dbias = None if bias is None else dbias.to(bias.dtype)
+        return dx, dweight, dbias, None, None, None, None
+
+
+def centred_input(z, weight, bias, invstd, axis):
+    """x - mu = (z - b) / (w s), in z's compute dtype; channels with w = 0 give inf/nan here
+    and are overwritten from the saved input by the caller."""
+    cdt = compute_dtype(z.dtype)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    nd = z.dim()
+    zc = z.to(cdt)
+    if bias is not None:
+        zc = zc - channel_view(bias.to(cdt), nd, axis)
+    with torch.no_grad():
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return zc * channel_view((1 / safe).to(cdt), nd, axis)
+
+
+def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, act,
+             act_param) -> int:
+    """Every check of the core's call plus the activation's; returns axis >= 0."""
+    checks.check_input(x)
+    axis = checks.normalize_axis(axis, x.dim())
+    for name, v in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        checks.check_channel_vector(name, v, x, axis)
+    checks.check_scalars(momentum, eps, training)
+    checks.check_running(running_mean, running_var, training)
+    check_invertible(act, act_param)
+    return axis
+
+
+def abn_apply(x, weight, bias, mean, invstd, count, axis, act, act_param, training, inplace,
+              group=None):
+    """Run the Function when a gradient is needed, else the elementwise step alone (which
+    then never overwrites: without autograd there is no saved tensor to spare)."""
+    p = float(act_param)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad:
+        return _write_output(x, mean, invstd, weight, bias, axis, act, p, False)
+    return InPlaceABNFunction.apply(x, weight, bias, mean, invstd, count,
+                                    (axis, act, p, training, inplace, group))
+
+
+def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=None,
+                training=False, momentum=0.1, eps=1e-5, *, axis=1, act="leaky_relu",
+                act_param=0.01, inplace=True):
+    """y = act(BN(x)) that keeps only y for the backward, and writes y into x when safe.
+
+    The value is exactly `bnkit.functional.batch_norm(...)` followed by the activation
+    (torch's leaky_relu(z, act_param) / elu(z, act_param) / identity), with the same
+    statistics, running-buffer update and errors. With `inplace=True` (default) and x a
+    non-leaf, non-view tensor produced by autograd (`can_overwrite`), x is overwritten and
+    returned (its version counter advances, as for torch's in-place ops); otherwise a new
+    tensor is returned. Either way the backward keeps y alone (plus per-channel vectors, and
+    the input of channels with a near-zero weight).
+
+    Args:
+        input: (N, C, ...) tensor, or any rank >= 2 with channels at `axis`.
+        running_mean, running_var, weight, bias, training, momentum, eps, axis: as in
+            `bnkit.functional.batch_norm`.
+        act: 'leaky_relu' (default), 'elu' or 'identity'. act_param: the leaky slope or the
+            elu alpha (> 0; default 0.01).
+        inplace: allow overwriting the input (default True).
+
+    Example:
+        >>> x = (torch.randn(8, 3, 4, requires_grad=True) * 2).exp()   # a non-leaf
+        >>> y = inplace_abn(x, training=True)
+        >>> y is x
+        True
+    """
+    axis = validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    axis, act, act_param)
+    if training:
+        count = input.numel() // max(input.shape[axis], 1)
+        if input.numel() and count <= 1:
+            checks.check_enough_values(count, input, training, False)
+    update = training and running_mean is not None and input.numel() > 0
+    if update:
+        checks.check_writable(running_mean, running_var)
+    if input.numel() == 0:
+        c = input.shape[axis]
+        zeros = torch.zeros(c, dtype=torch.float64, device=input.device)
+        y = normalize(input, zeros, torch.ones_like(zeros), weight, bias, axis)
+        return apply_invertible(y, act, float(act_param), inplace=False)
+    with torch.no_grad():
+        if training:
+            n, mean, var = batch_stats(input, axis)
+        else:  # copies: the buffers may change before the backward reads them
+            adt = acc_dtype(input.dtype)
+            n = torch.tensor(2.0, dtype=adt, device=input.device)
+            mean, var = running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
+        invstd = inv_std(var, eps)
+    y = abn_apply(input, weight, bias, mean, invstd, n, axis, act, act_param, training, inplace)
+    if update:
+        update_running(running_mean, running_var, mean, var, n, momentum)
+    return y
+
+
+def _collective(op, tensors, group, what: str) -> None:
+    """Run a blocking collective (the header exchange of `sync_header.agree`)."""
+    op(*tensors, group=group)
+
+
+def inplace_abn_sync_train(input, running_mean=None, running_var=None, weight=None, bias=None,
+                           momentum=0.1, eps=1e-5, *, process_group=None, axis=1,
+                           act="leaky_relu", act_param=0.01, inplace=True):
+    """Training-mode `inplace_abn` with statistics over every rank of `process_group`, as
+    `bnkit.functional.sync.sync_batch_norm` (the same call header, Chan merge of the ranks'
+    statistics, one all-reduce of (sum_dz, sum_dz_xmu) in the backward; weight/bias gradients
+    stay local for DDP to reduce). Returns (y, global number of positions per channel).
+    Without an initialized process group it is `inplace_abn(training=True)`."""
+    from ..kernels import reference
+    from .sync import check_process_group, gather_stats, local_stats, shared_rejection
+    from .sync_header import agree, call_header, header_device
+
+    if not (dist.is_available() and dist.is_initialized()):
+        y = inplace_abn(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                        axis=axis, act=act, act_param=act_param, inplace=inplace)
+        return y, input.numel() // max(input.shape[axis], 1)
+    check_process_group(process_group)
+    group = dist.group.WORLD if process_group is None else process_group
+    with shared_rejection(input, group):
+        axis = validate(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                        axis, act, act_param)
+    verdict = agree(call_header(input, axis, running_mean, eps, momentum,
+                                header_device(input, group)), group, _collective)
+    if verdict is not None:
+        raise BNValueError(verdict)
+    with torch.no_grad():
+        packed = local_stats(reference, input, axis, None)
+        stats, valid, positions = gather_stats(packed, input.shape[axis], group)
+    if positions and valid <= 1:
+        raise BNValueError(f"expected more than 1 value per channel when training (got {valid} "
+                           f"values per channel over all {dist.get_world_size(group)} ranks; "
+                           f"this rank's input shape {tuple(input.shape)}); use larger per-rank "
+                           "batches, or call model.eval()")
+    if positions == 0:  # every rank empty: nothing to normalize with, nothing to update
+        return inplace_abn(input, None, None, weight, bias, True, momentum, eps, axis=axis,
+                           act=act, act_param=act_param, inplace=inplace), 0
+    if running_mean is not None:
+        checks.check_writable(running_mean, running_var)
+    invstd = inv_std(stats.var, eps)
+    y = abn_apply(input, weight, bias, stats.mean, invstd, stats.count, axis, act, act_param,
+                  True, inplace, group)
+    if running_mean is not None:
+        update_running(running_mean, running_var, stats.mean, stats.var, stats.count, momentum)
+    return y, positions
