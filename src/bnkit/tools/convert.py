@@ -33,12 +33,13 @@ from .walk import (
     working_copy,
 )
 
-TARGETS = ("torch", "bnkit", "sync", "frozen", "renorm", "ghost", "group")
+TARGETS = ("torch", "bnkit", "sync", "frozen", "renorm", "ghost", "group", "inplace_abn")
 _KWARGS = {"torch": set(), "bnkit": set(), "sync": {"process_group"}, "frozen": set(),
            "renorm": {"r_max", "d_max"}, "ghost": {"virtual_batch_size"},
-           "group": {"num_groups"}}
+           "group": {"num_groups"}, "inplace_abn": set()}
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 UNFROZEN = "_bnkit_unfrozen"  # attribute of a FrozenBatchNorm made by convert: its source layer
+SOURCE_DIM = "_bnkit_source_dim"  # of an InPlaceABN made by convert: the source's 1/2/3 (d)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def describe(bn: nn.Module) -> Source:
         affine=frozen or bool(getattr(bn, "affine", weight is not None)),
         has_bias=getattr(bn, "bias", None) is not None,
         track_running_stats=frozen or bool(getattr(bn, "track_running_stats", True)),
-        axis=bn_axis(bn), dim=int(match.group(1)) if match else None, training=bn.training,
+        axis=bn_axis(bn), training=bn.training,
+        dim=int(match.group(1)) if match else getattr(bn, SOURCE_DIM, None),
         device=ref.device if ref is not None else torch.device("cpu"),
         dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
 
@@ -189,7 +191,8 @@ def _already(to: str, bn: nn.Module, kw: dict) -> bool:
              "bnkit": (bnn.BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d,
                        bnn.BatchNormAct),
              "frozen": (bnn.FrozenBatchNorm,), "renorm": (BatchRenorm,),
-             "ghost": (GhostBatchNorm,), "sync": (getattr(bnn, "SyncBatchNorm", None),)}
+             "ghost": (GhostBatchNorm,), "sync": (getattr(bnn, "SyncBatchNorm", None),),
+             "inplace_abn": (bnn.InPlaceABN, bnn.InPlaceABNSync)}
     return type(bn) in kinds.get(to, ())
 
 
@@ -252,6 +255,8 @@ def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
         kw["num_groups"] = default_num_groups(max(s.num_features, 1))
     _check_layer(to, name, bn, s, kw)
     tail = dict(tail_modules(bn))
+    if to == "inplace_abn":
+        return _inplace_abn(bn, s, tail)
     if to == "bnkit" and tail:
         new = bnn.BatchNormAct(*_bn_args(s)[:1], tail.get("act", "identity"), *_bn_args(s)[1:],
                                axis=s.axis, drop=tail.get("drop"), **_fk(s))
@@ -268,6 +273,62 @@ def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
     if to == "frozen":
         object.__setattr__(new, UNFROZEN, bn)  # plain attribute: not a submodule, not saved
     return new
+
+
+def invertible_act(act) -> tuple[str, float] | None:
+    """(name, parameter) of an activation module InPlaceABN can take in: nn.LeakyReLU with a
+    slope > 0 or nn.ELU with alpha > 0, by exact type (a subclass may compute otherwise)."""
+    if type(act) is nn.LeakyReLU and act.negative_slope > 0:
+        return "leaky_relu", float(act.negative_slope)
+    if type(act) is nn.ELU and act.alpha > 0:
+        return "elu", float(act.alpha)
+    return None
+
+
+def _inplace_abn(bn: nn.Module, s: Source, tail: dict, act: nn.Module | None = None):
+    """An InPlaceABN for a BN whose activation (its `act` child, or `act`) is invertible and
+    not preceded by a dropout; None (keep the layer) otherwise."""
+    found = invertible_act(act if act is not None else tail.get("act"))
+    if found is None or "drop" in tail:
+        return None
+    new = bnn.InPlaceABN(s.num_features, found[0], found[1], *_bn_args(s)[1:], axis=s.axis,
+                         **_fk(s))
+    copy_state(bn, new)
+    if not s.has_bias:
+        new.register_parameter("bias", None)
+    if s.dim is not None:  # so that "torch" gives BatchNorm{dim}d back
+        setattr(new, SOURCE_DIM, s.dim)
+    return new.train(s.training)
+
+
+def _neighbours(model: nn.Module, to: str) -> list[tuple[nn.Sequential, int, nn.Module, nn.Module]]:
+    """(sequential, i, new i, new i + 1) for BN + activation neighbours in an nn.Sequential:
+    for "inplace_abn", a plain BN followed by an invertible activation becomes
+    (InPlaceABN, nn.Identity), keeping the indices (and so the state-dict keys) of the other
+    children; for "torch" and "bnkit", an InPlaceABN followed by nn.Identity (that form)
+    becomes (<BN>, activation) again."""
+    out = []
+    for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
+        kids = list(seq)
+        for i in range(len(kids) - 1):
+            bn, nxt = kids[i], kids[i + 1]
+            if to == "inplace_abn" and convertible(bn) and not tail_modules(bn) and \
+                    not isinstance(bn, bnn.InPlaceABN):
+                new = _inplace_abn(bn, describe(bn), {}, nxt)
+                if new is not None:
+                    out.append((seq, i, new, nn.Identity()))
+            elif to in ("torch", "bnkit") and isinstance(bn, bnn.InPlaceABN) and \
+                    type(nxt) is nn.Identity and not isinstance(bn.act, nn.Identity):
+                src = describe(bn)
+                plain = _bnkit(src, {})
+                copy_state(bn, plain)
+                if bn.bias is None:
+                    plain.register_parameter("bias", None)
+                plain.train(src.training)
+                if to == "torch":
+                    plain = build(to, "", plain, {})
+                out.append((seq, i, plain, bn.act))
+    return out
 
 
 def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.Module:
@@ -291,12 +352,21 @@ def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.
     per-step statistics (recurrent BN) are left alone. The new layers are new objects: build
     optimizers after converting.
 
+    "inplace_abn" replaces each BN whose activation is an nn.LeakyReLU (slope > 0) or nn.ELU
+    (alpha > 0) by an InPlaceABN with that activation: a BN-with-activation layer as above
+    (without a dropout between them), or a BN followed by the activation in an
+    nn.Sequential, whose activation entry becomes nn.Identity (the other children keep their
+    indices and state-dict keys). Other BN layers (plain, or with ReLU, which cannot be
+    inverted) stay as they are. "torch" and "bnkit" turn an InPlaceABN back into BN +
+    activation (in an nn.Sequential, an InPlaceABN followed by nn.Identity becomes the BN
+    and the activation at those two indices again).
+
     Args:
         model: any nn.Module (a BN layer itself too).
         to: "torch", "bnkit", "sync" (process_group=None), "frozen", "renorm" (r_max=3.0,
             d_max=5.0), "ghost" (virtual_batch_size, required) or "group" (num_groups: default
             32 if it divides C, else the largest divisor of C below 32; GroupNorm gets only
-            weight and bias).
+            weight and bias) or "inplace_abn".
         inplace: replace the layers of `model` itself (default True); False works on a deep
             copy.
         **kwargs: the target's options above.
@@ -318,4 +388,11 @@ def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.
     check_module(model, "convert")
     _check_kwargs(to, kwargs)
     work = working_copy(model, "convert", inplace)
-    return replace_all(work, lambda name, bn: build(to, name, bn, kwargs), select=convertible)
+    pairs = _neighbours(work, to)  # built first: a failure below leaves the model unchanged
+    done = {id(seq[i]) for seq, i, _, _ in pairs}
+    work = replace_all(work, lambda name, bn: None if id(bn) in done else build(to, name, bn,
+                                                                                 kwargs),
+                       select=convertible)
+    for seq, i, first, second in pairs:
+        seq[i], seq[i + 1] = first, second
+    return work
