@@ -7,7 +7,8 @@ y is written into x's storage when that is safe (`can_overwrite`) and y is the o
 full-size tensor saved. The backward recovers, from y alone (derivation in docs/math.md,
 section "In-place activated BN"):
     z = f^-1(y),   dz = dy f'(z) (f' read from y),   x - mu = (z - b) / (w s)
-and then runs the core's own reduce and elementwise steps on the recovered centred input:
+and then runs the core's own reduce and elementwise steps (the selected backend's
+`backward_reduce` / `backward_elemt`, as sync BN does) on the recovered centred input:
     sum_dz = sum dz,  sum_dz_xmu = sum dz (x - mu),  db = sum_dz,  dw = s sum_dz_xmu
     dx = w s (dz - sum_dz/n - (x - mu) s^2 sum_dz_xmu / n)       (training; eval: w s dz)
 Sync BN all-reduces (sum_dz, sum_dz_xmu) between the two steps, as `sync.py` does.
@@ -24,12 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ..errors import BNValueError
 from . import checks
-from .backward import backward_elemt, backward_reduce, grad_affine
+from .backward import grad_affine
 from .normalize import affine_coeffs, inv_std, normalize
 from .running import update_running
-from .stats import acc_dtype, batch_stats, channel_view, compute_dtype
+from .stats import acc_dtype, channel_view, compute_dtype
 
 __all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
 
@@ -158,7 +160,8 @@ class InPlaceABNFunction(torch.autograd.Function):
                                                         axis)
             xmu = xmu.index_copy(axis, idx, rows)
         zero = torch.zeros_like(mean)
-        sum_dz, sum_dz_xmu = backward_reduce(dz, xmu, zero, axis)
+        backend = kernels.select(xmu, axis, None)
+        sum_dz, sum_dz_xmu = backend.backward_reduce(dz, xmu, zero, axis)
         g_dz, g_dz_xmu = sum_dz, sum_dz_xmu
         if group is not None and training:
             both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
@@ -166,8 +169,8 @@ class InPlaceABNFunction(torch.autograd.Function):
             g_dz, g_dz_xmu = both.split(sum_dz.shape[0])
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count, axis,
-                                None, training)
+            dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
+                                        axis, None, training)
         dweight, dbias = grad_affine(sum_dz, sum_dz_xmu, invstd)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
@@ -258,7 +261,7 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         return apply_invertible(y, act, float(act_param), inplace=False)
     with torch.no_grad():
         if training:
-            n, mean, var = batch_stats(input, axis)
+            n, mean, var = kernels.select(input, axis, None).batch_stats(input, axis)
         else:  # copies: the buffers may change before the backward reads them
             adt = acc_dtype(input.dtype)
             n = torch.tensor(2.0, dtype=adt, device=input.device)
