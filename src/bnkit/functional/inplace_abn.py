@@ -240,7 +240,7 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         inplace: allow overwriting the input (default True).
 
     Example:
-        >>> x = (torch.randn(8, 3, 4, requires_grad=True) * 2).exp()   # a non-leaf
+        >>> x = torch.randn(8, 3, 4, requires_grad=True) * 2 + 1   # a non-leaf
         >>> y = inplace_abn(x, training=True)
         >>> y is x
         True
