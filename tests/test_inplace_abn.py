@@ -453,6 +453,21 @@ def sync_worker(rank, store, out_dir):
         steps[-1]["dx"] = xr.grad.clone()
     out = {"steps": steps, "dw": abn.weight.grad, "db": abn.bias.grad,
            "buffers": [abn.running_mean, abn.running_var, abn.num_batches_tracked]}
+    # rank 0 empty: still joins every collective; the result is rank 1's batch alone
+    empty = _layer(InPlaceABNSync)
+    x, g = _full(0)
+    xr = (x[:0] if rank == 0 else x).clone().requires_grad_()
+    y = empty(xr * 1)
+    (y * (g[:0] if rank == 0 else g)).sum().backward()
+    out["empty_rank"] = {"y": y.detach(), "dx": xr.grad, "dw": empty.weight.grad,
+                         "running_var": empty.running_var.clone()}
+    # a rank whose input is rejected makes the other raise too, instead of waiting
+    bad = torch.randn(4, 4, 3, dtype=D) if rank == 0 else torch.randn(3, 2, dtype=D)
+    try:
+        _layer(InPlaceABNSync)(bad)
+        out["rejected"] = None
+    except ValueError as err:
+        out["rejected"] = str(err)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -487,3 +502,15 @@ def test_sync_two_ranks_equal_single_process(tmp_path):
     for r in range(WORLD):
         assert_pairs(zip(ranks[r]["buffers"][:2], [single.running_mean, single.running_var]))
         assert int(ranks[r]["buffers"][2]) == 2
+    alone = _layer(InPlaceABN)
+    x, g = _full(0)
+    xs = x.clone().requires_grad_()
+    y = alone(xs * 1)
+    (y * g).sum().backward()
+    e0, e1 = ranks[0]["empty_rank"], ranks[1]["empty_rank"]
+    assert e0["y"].shape == (0, 4, 3)
+    assert_pairs([(e1["y"], y.detach()), (e1["dx"], xs.grad),
+                  (e0["dw"] + e1["dw"], alone.weight.grad),
+                  (e0["running_var"], alone.running_var), (e1["running_var"], alone.running_var)])
+    assert "one value per channel" in ranks[1]["rejected"]
+    assert "rank 1 rejected its input" in ranks[0]["rejected"]

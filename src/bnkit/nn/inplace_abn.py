@@ -77,8 +77,14 @@ class InPlaceABN(BatchNormAct):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
             return self.act(self._scripted(input))
-        self._check_input_dim(input)
         group = self._sync_group()
+        if group is None:
+            self._check_input_dim(input)
+        else:  # a rejected input makes the peers raise too, instead of waiting
+            from ..functional.sync import shared_rejection
+
+            with shared_rejection(input, group):
+                self._check_input_dim(input)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         if group is None:
