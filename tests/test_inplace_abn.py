@@ -152,6 +152,36 @@ def test_gradcheck(act, p):
     assert torch.autograd.gradcheck(fn_eval, (x, w, b))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-7), (torch.bfloat16, 8e-3),
+                                       (torch.float16, 1e-3)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_low_precision_and_channels_last_memory(dtype, tol, memory_format):
+    """float32/half/bfloat16 input (statistics in float64/float32) against the float64
+    oracle of the same input values, also in channels_last memory format."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 6, 5, 3, generator=g) * 2 + 1).to(dtype)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(4, 6, 5, 3, generator=g).to(dtype)
+    w, b = params(6)
+    abn = InPlaceABN(6, act_param=0.1)
+    with torch.no_grad():
+        abn.weight.copy_(w)
+        abn.bias.copy_(b)
+    h = x * 1
+    y = abn(h)
+    assert y is h and y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    (y * dy).float().sum().backward()
+    xr = x.detach().double().requires_grad_()
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+    yr = F.leaky_relu(F.batch_norm(xr, None, None, wr, br, True), 0.1)
+    (yr * dy.double()).sum().backward()
+    for got, want in ((y, yr), (x.grad, xr.grad), (abn.weight.grad, wr.grad),
+                      (abn.bias.grad, br.grad)):
+        err = (got.detach().double() - want.detach()).abs().max() / (1 + want.abs().max())
+        assert err < tol, (err, tol)
+    assert x.grad.dtype == dtype
+
+
 def test_affine_false_and_bias_false():
     x = torch.randn(6, 3, 4, dtype=D, requires_grad=True)
     for abn, w, b in ((InPlaceABN(3, affine=False, dtype=D), None, None),

@@ -153,7 +153,8 @@ class InPlaceABNFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, weight, bias, mean, invstd, count, idx, x_small = ctx.saved_tensors
         axis, act, p, training, _, group = ctx.args
-        z, dz = invert(y, dy, act, p)
+        cdt, out_dtype = compute_dtype(y.dtype), dy.dtype  # half: invert in float32
+        z, dz = invert(y.to(cdt), dy.to(cdt), act, p)
         xmu = centred_input(z, weight, bias, invstd, axis)
         if idx is not None:  # the channels saved as input: x - mu directly
             rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
@@ -170,7 +171,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
-                                        axis, None, training)
+                                        axis, None, training).to(out_dtype)
         dweight, dbias = grad_affine(sum_dz, sum_dz_xmu, invstd)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
