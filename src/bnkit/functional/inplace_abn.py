@@ -75,19 +75,21 @@ def apply_invertible(z, act: str, p: float, inplace: bool):
 def invert(y, dy, act: str, p: float):
     """(z, dz): the pre-activation z = f^-1(y) and dz = dy f'(z), both from y.
 
-    leaky_relu (slope p > 0): z = y for y > 0 else y / p; f' = 1 for y > 0 else p.
-    elu (alpha p > 0): z = y for y > 0 else log1p(y / p); f' = 1 for y > 0 else y + p
-    (= p e^z). A saturated elu output (y = -p in floating point, z below about -37 in float64
-    or -17 in float32) is clamped to the nearest invertible value (docs/layers/inplace_abn.md).
-    At z = 0 the derivative is torch's (p for leaky_relu, p for elu).
+    leaky_relu (slope p > 0): z = y for y > 0 else y / p (leaky_relu with slope 1/p);
+    f' = 1 for y > 0 else p. elu (alpha p > 0): z = y for y > 0 else log1p(y / p);
+    f' = 1 for y > 0 else y + p (= p e^z). f' is torch's own activation backward from the
+    result (y > 0 exactly where z > 0), so dz equals torch's, z = 0 included. A saturated elu
+    output (y = -p in floating point, z below about -37 in float64 or -17 in float32) is
+    clamped to the nearest invertible value (docs/layers/inplace_abn.md).
     """
     if act == "identity":
         return y, dy
-    pos = y > 0
     if act == "leaky_relu":
-        return torch.where(pos, y, y / p), torch.where(pos, dy, dy * p)
+        z = torch.nn.functional.leaky_relu(y, 1.0 / p)
+        return z, torch.ops.aten.leaky_relu_backward(dy, y, p, True)
     ratio = (y / p).clamp_min(-1 + torch.finfo(y.dtype).eps)
-    return torch.where(pos, y, torch.log1p(ratio)), torch.where(pos, dy, dy * (y + p))
+    z = torch.where(y > 0, y, torch.log1p(ratio))
+    return z, torch.ops.aten.elu_backward(dy, p, 1, 1, True, y)
 
 
 def near_zero_scale(weight, bias):
@@ -179,17 +181,18 @@ class InPlaceABNFunction(torch.autograd.Function):
 
 
 def centred_input(z, weight, bias, invstd, axis):
-    """x - mu = (z - b) / (w s), in z's compute dtype; channels with w = 0 give inf/nan here
-    and are overwritten from the saved input by the caller."""
+    """x - mu = (z - b) / (w s) = z r - b r with r = 1 / (w s), one pass, in z's compute
+    dtype; channels with w = 0 give 0 here and are overwritten from the saved input by the
+    caller."""
     cdt = compute_dtype(z.dtype)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    r = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
     nd = z.dim()
-    zc = z.to(cdt)
-    if bias is not None:
-        zc = zc - channel_view(bias.to(cdt), nd, axis)
-    with torch.no_grad():
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return zc * channel_view((1 / safe).to(cdt), nd, axis)
+    if bias is None:
+        return z.to(cdt) * channel_view(r.to(cdt), nd, axis)
+    shift = -bias.to(r.dtype) * r
+    return torch.addcmul(channel_view(shift.to(cdt), nd, axis), z.to(cdt),
+                         channel_view(r.to(cdt), nd, axis))
 
 
 def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, act,
