@@ -243,6 +243,29 @@ def test_input_saved_by_another_op_raises_torchs_inplace_error():
         (y.sum() + other.sum()).backward()
 
 
+@pytest.mark.parametrize("producer", ["sigmoid", "exp", "inplace_abn"])
+def test_output_saved_by_its_producer_is_not_overwritten(producer):
+    """sigmoid, exp and InPlaceABN keep their output for their backward: a following
+    InPlaceABN computes out of place, and the gradients are BN + act's."""
+    x = torch.randn(6, 3, 4, dtype=D, requires_grad=True)
+    first = InPlaceABN(3, "elu", 1.0, dtype=D)
+    make = {"sigmoid": torch.sigmoid, "exp": torch.exp, "inplace_abn": first}[producer]
+    h = make(x * 1)
+    y = InPlaceABN(3, dtype=D)(h)
+    assert y is not h
+    y.pow(2).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    if producer == "inplace_abn":
+        hr = F.elu(F.batch_norm(xr, None, None, torch.ones(3, dtype=D),
+                                torch.zeros(3, dtype=D), True), 1.0)
+    else:
+        hr = make(xr)
+    yr = F.leaky_relu(F.batch_norm(hr, None, None, torch.ones(3, dtype=D),
+                                   torch.zeros(3, dtype=D), True), 0.01)
+    yr.pow(2).sum().backward()
+    assert_pairs([(y.detach(), yr.detach()), (x.grad, xr.grad)])
+
+
 def test_input_used_twice_with_inplace_false_keeps_bn_semantics():
     """A pre-activation shortcut: with inplace=False, h still holds the input afterwards,
     and the gradients are those of BN + act + identity."""

@@ -106,9 +106,45 @@ def near_zero_scale(weight, bias):
 def can_overwrite(x) -> bool:
     """Whether the forward may write its output into x's storage: x is an intermediate
     result of autograd (not a leaf: never a parameter, an input that requires grad, or data
-    the caller made) and not a view (its base might be read by others, and torch's view
-    rebasing for custom Functions has corner cases), and not an inference tensor."""
-    return x.grad_fn is not None and x._base is None and not x.is_inference()
+    the caller made), not a view (its base might be read by others, and torch's view
+    rebasing for custom Functions has corner cases), not an inference tensor, and not saved
+    by the operation that produced it (sigmoid, exp, another InPlaceABN keep their output:
+    overwriting it would make their backward fail). Whether a later consumer saved x cannot
+    be seen from x; torch's version check makes that consumer's backward raise."""
+    return x.grad_fn is not None and x._base is None and not x.is_inference() and \
+        not _saved_by_producer(x)
+
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}  # node type -> its `_saved_*` attributes
+
+
+def _saved_by_producer(x) -> bool:
+    """x's storage is among the tensors its grad_fn keeps for its backward."""
+    node = x.grad_fn
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = tuple(a for a in dir(node)
+                                                 if a.startswith("_saved_"))
+    saved = []
+    for name in names:
+        try:
+            saved.append(getattr(node, name))
+        except RuntimeError:  # released (after a backward) or not readable
+            continue
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        try:  # a custom Function's ctx
+            saved += list(node.saved_tensors)
+        except RuntimeError:
+            pass
+    ptr = x.untyped_storage().data_ptr()
+    stack = saved
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (list, tuple)):
+            stack.extend(t)
+        elif isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+            return True
+    return False
 
 
 def _write_output(x, mean, invstd, weight, bias, axis, act, p, overwrite: bool):

@@ -26,11 +26,12 @@ class InPlaceABN(BatchNormAct):
 
     The input is overwritten with the output when that is safe: `inplace` is True, x was
     produced by an autograd operation (not a leaf: never a parameter, an input tensor that
-    requires grad, or a tensor created without autograd) and is not a view. Code that reads x
+    requires grad, or a tensor created without autograd), is not a view and was not kept by
+    the operation that produced it (sigmoid, exp, another InPlaceABN). Code that reads x
     after the call (a pre-activation shortcut, `y = abn(x); out = y + x`) then reads the
     output, as with torch's `inplace=True` activations: pass `x.clone()`, or build the layer
-    with `inplace=False` (the backward still keeps only y). An operation that saved x for
-    its own backward before the call makes that backward raise torch's "modified by an
+    with `inplace=False` (the backward still keeps only y). Another consumer that saved x
+    for its own backward before the call makes that backward raise torch's "modified by an
     inplace operation" error instead of computing a wrong gradient.
 
     ReLU is not accepted: it maps every negative z to 0, so z cannot be recovered from y.
