@@ -441,6 +441,14 @@ def test_convert_back_to_bnkit_and_training_equals_torch():
         torch.testing.assert_close(twin.state_dict()[k], m.state_dict()[k])
 
 
+def test_convert_keeps_synchronization():
+    m = nn.Sequential(nn.SyncBatchNorm(4), nn.LeakyReLU(0.1),
+                      bnkit.nn.SyncBatchNorm(4), nn.ELU())
+    bnkit.convert(m, "inplace_abn")
+    assert [type(c) for c in m] == [InPlaceABNSync, nn.Identity, InPlaceABNSync, nn.Identity]
+    assert m[2].process_group is None and m[2].activation == "elu"
+
+
 # ----------------------------------------------------------------------------- memory
 def test_saved_bytes_counted_exactly_on_a_tiny_model():
     """conv -> InPlaceABN -> conv: the first conv keeps the image, InPlaceABN keeps y (the

@@ -286,13 +286,18 @@ def invertible_act(act) -> tuple[str, float] | None:
 
 
 def _inplace_abn(bn: nn.Module, s: Source, tail: dict, act: nn.Module | None = None):
-    """An InPlaceABN for a BN whose activation (its `act` child, or `act`) is invertible and
-    not preceded by a dropout; None (keep the layer) otherwise."""
+    """An InPlaceABN (InPlaceABNSync for a SyncBatchNorm) for a BN whose activation (its
+    `act` child, or `act`) is invertible and not preceded by a dropout; None (keep the
+    layer) otherwise."""
     found = invertible_act(act if act is not None else tail.get("act"))
     if found is None or "drop" in tail:
         return None
-    new = bnn.InPlaceABN(s.num_features, found[0], found[1], *_bn_args(s)[1:], axis=s.axis,
-                         **_fk(s))
+    sync = {}  # a synchronized source stays synchronized, over the same group
+    if isinstance(bn, nn.SyncBatchNorm) or type(bn).__name__ == "SyncBatchNorm":
+        sync["process_group"] = getattr(bn, "process_group", None)
+    cls = bnn.InPlaceABNSync if sync else bnn.InPlaceABN
+    new = cls(s.num_features, found[0], found[1], *_bn_args(s)[1:], axis=s.axis, **sync,
+              **_fk(s))
     copy_state(bn, new)
     if not s.has_bias:
         new.register_parameter("bias", None)
@@ -356,7 +361,8 @@ def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.
     (alpha > 0) by an InPlaceABN with that activation: a BN-with-activation layer as above
     (without a dropout between them), or a BN followed by the activation in an
     nn.Sequential, whose activation entry becomes nn.Identity (the other children keep their
-    indices and state-dict keys). Other BN layers (plain, or with ReLU, which cannot be
+    indices and state-dict keys); a SyncBatchNorm becomes an InPlaceABNSync over the same
+    process group. Other BN layers (plain, or with ReLU, which cannot be
     inverted) stay as they are. "torch" and "bnkit" turn an InPlaceABN back into BN +
     activation (in an nn.Sequential, an InPlaceABN followed by nn.Identity becomes the BN
     and the activation at those two indices again).
