@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from .backends import available, restored_backend, use
 from .phases import PASSES, PHASES, parse_shape, phase_fn
 from .report import format_table, make_row
 from .timing import copy_fns, cuda_timer, inner_calls, interleaved_medians, warm
@@ -45,7 +46,6 @@ def check_gpu() -> None:
         raise ValueError(f"the GPU benchmark needs a CUDA device (torch {torch.__version__} "
                          "sees none: torch.cuda.is_available() is False); run it on a machine "
                          "with an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
-    from .backends import available
     if "triton" not in available():
         raise ValueError("the GPU benchmark needs the 'triton' backend (available here: "
                          f"{available()}); install it with pip install 'bnkit[gpu]'")
@@ -153,8 +153,6 @@ def run_case(shape, dtype, layout, args, device="cuda", backend="triton",
     `device`, `backend` and `make_timer` exist so the logic can run on CPU (e.g. with the
     reference backend and `timing.perf_timer`).
     """
-    from .backends import restored_backend, use
-
     xs = _inputs(shape, dtype, layout, device)
     c = shape[1]
     params = (torch.randn(c, device=device, requires_grad=True),
