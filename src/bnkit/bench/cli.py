@@ -85,6 +85,7 @@ def sections(args: argparse.Namespace, repeats: int) -> list[Section]:
             warmup=args.warmup, width_mult=args.model_width), format_vision_models))
     if args.first_call:
         out.append(Section("first_call", first_call, format_first_call))
+    # `--memory`: Section("memory", <bnkit.tools.memory's measurement>, <its table>) here
     return out
 
 
