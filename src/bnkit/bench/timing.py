@@ -10,7 +10,7 @@ Example:
     >>> from bnkit.bench.timing import interleaved_medians
     >>> ticks = iter(range(100))
     >>> interleaved_medians({"a": lambda: 1, "b": lambda: 2}, 3, lambda fn: next(ticks))
-    {'a': 2, 'b': 3}
+    {'a': 3, 'b': 2}
 """
 from __future__ import annotations
 
