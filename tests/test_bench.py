@@ -100,6 +100,26 @@ def test_sections_follow_the_options():
                                                       "first_call"]
 
 
+def test_bench_models_alone_through_the_command(tmp_path, capsys, monkeypatch, reference_backend):
+    """`--models`: the model sections only, printed and in the JSON (tiny sizes)."""
+    monkeypatch.setattr(backends, "cpu_backends", lambda: ["reference"])
+    path = tmp_path / "models.json"
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--models", "--no-first-call", "--repeats", "1", "--warmup", "0",
+                              "--model-batch", "2", "--model-size", "32", "--model-width",
+                              "0.25", "--json", str(path)])
+    assert bench.main(args) == 0
+    data = json.loads(path.read_text())
+    assert data["rows"] == [] and data["first_call"] is None
+    assert {(r["model"], r["variant"]) for r in data["models"]} == {
+        (m, v) for m in ("mlp", "cnn") for v in ("torch", "bnkit auto", "bnkit reference")}
+    assert [(r["model"], r["phase"]) for r in data["vision_models"]] == [
+        (m, p) for m in nets.MODELS for p in ("train step", "eval")]
+    out = capsys.readouterr().out
+    assert "resnet18      2x3x32x32  train step" in out and "mobilenet_v2" in out
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_bench_formula_matches_torch(training):
     g = torch.Generator().manual_seed(0)
