@@ -259,6 +259,48 @@ def test_private_use_detector_finds_both_forms(tmp_path):
     assert _private_uses(bad) == ["bad.py:1 imports _hidden", "bad.py:3 uses kernels._native"]
 
 
+def _import_graph(package: Path, name: str) -> dict[str, set[str]]:
+    """{module: modules of the same package it imports at any level} from the source."""
+    graph = {}
+    for path in package.glob("*.py"):
+        mod = f"{name}.{path.stem}" if path.stem != "__init__" else name
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                deps |= {f"{name}.{t.split('.')[0]}" for t in targets}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(name + "."):
+                deps.add(".".join(node.module.split(".")[:3]))
+        graph[mod] = {d for d in deps if (package / f"{d.rsplit('.', 1)[-1]}.py").exists()}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` as a path of module names, or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep] if dep in path else [node, dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return []
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_bench_modules_import_one_way():
+    graph = _import_graph(ROOT / "src" / "bnkit" / "bench", "bnkit.bench")
+    assert graph["bnkit.bench.timing"] == set() and "bnkit.bench.cli" in graph
+    assert _cycle({k: v - {"bnkit.bench"} for k, v in graph.items()}) == []
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 def test_only_bench_touches_kernels_internals():
     """`backends` is the one module of the package that imports bnkit.kernels."""
     users = [p.name for p in (ROOT / "src" / "bnkit" / "bench").glob("*.py")
