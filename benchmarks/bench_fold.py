@@ -3,14 +3,15 @@
     python benchmarks/bench_fold.py                      # torch and bnkit BN, 1 thread
     python benchmarks/bench_fold.py --threads 2 --batch 32 --json fold.json
 
-The measurement itself is `bnkit.tools.fold_bench.bench_fold` (importable, returns a dict),
-re-exported here as `bench_fold`.
+The measurement itself is `bnkit.bench.fold.bench_fold` (importable, returns a dict),
+re-exported here as `bench_fold`; the table is `bnkit.bench.report.format_fold`.
 """
 import argparse
 import json
 import sys
 
-from bnkit.tools.fold_bench import NORMS, bench_fold
+from bnkit.bench.fold import NORMS, bench_fold
+from bnkit.bench.report import format_fold
 
 __all__ = ["bench_fold"]
 
@@ -30,11 +31,7 @@ def main(argv=None) -> int:
                           repeats=args.repeats, threads=args.threads) for n in norms]
     print(f"ResNet-style CNN, input ({args.batch}, 3, {args.size}, {args.size}), width "
           f"{args.width}, {args.threads} thread(s), median of {args.repeats} interleaved runs")
-    print(f"{'BN':>6} {'folded':>8} {'unfolded ms':>12} {'folded ms':>10} {'speed-up':>9} "
-          f"{'max rel diff':>13}")
-    for r in results:
-        print(f"{r['norm']:>6} {r['folded_pairs']:>3}/{r['bn_layers']:<4} {r['unfolded_ms']:>12.2f} "
-              f"{r['folded_ms']:>10.2f} {r['speedup']:>8.2f}x {r['max_rel_diff']:>13.2e}")
+    print(format_fold(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

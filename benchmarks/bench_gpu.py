@@ -9,7 +9,7 @@ Without CUDA it exits with status 2 and says why. Same as `bnkit bench --device 
 """
 import sys
 
-from bnkit.bench_gpu import main
+from bnkit.bench.gpu import main
 
 if __name__ == "__main__":
     sys.exit(main())

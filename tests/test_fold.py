@@ -345,13 +345,3 @@ def test_bn_without_affine_or_bias_and_duck_typed_frozen():
     folded, report = fold(model, return_report=True)
     assert len(report.folded) == 3
     _check_close(model, folded, torch.randn(2, 3, 6, 6), 1e-5)
-
-
-def test_bench_fold_smoke():
-    from bnkit.tools.fold_bench import bench_fold
-
-    r = bench_fold("torch", batch=2, size=8, width=4, repeats=2, warmup=0)
-    assert r["folded_pairs"] == r["bn_layers"] == 15 and r["max_rel_diff"] < 1e-5
-    assert r["speedup"] == pytest.approx(r["unfolded_ms"] / r["folded_ms"])
-    with pytest.raises(ValueError, match="norm must be one of"):
-        bench_fold("group")

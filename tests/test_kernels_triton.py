@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import bnkit
-from bnkit import bench_gpu, kernels
+from bnkit import kernels
+from bnkit.bench import gpu as bench_gpu
+from bnkit.bench import phases, report, timing
 from bnkit.functional import batch_norm
 from bnkit.functional.stats import mask_view
 from bnkit.kernels import reference as ref
@@ -400,20 +402,20 @@ def test_interleaved_medians_rotates_the_order():
     def timer(fn):
         calls.append(fn())
         return next(times[calls[-1]])
-    got = bench_gpu.interleaved_medians({"a": lambda: "a", "b": lambda: "b"}, 3, timer)
+    got = timing.interleaved_medians({"a": lambda: "a", "b": lambda: "b"}, 3, timer)
     assert got == {"a": 2.0, "b": 20.0}
     assert calls == ["a", "b", "b", "a", "a", "b"]
 
 
 def test_make_row_bandwidth_and_percentage():
     nbytes = 64 * 2**20
-    row = bench_gpu.make_row((4096, 4096), "float32", "nchw", "fwd+bwd", "bnkit", ms=0.4,
+    row = report.make_row((4096, 4096), "float32", "nchw", "fwd+bwd", "bnkit", ms=0.4,
                              torch_ms=0.5, nbytes=nbytes, copy_ms=0.05)
     gbps = 8 * nbytes / 0.4e6  # 8 tensor passes in 0.4 ms
     assert row["gbps"] == pytest.approx(gbps)
     assert row["pct_copy"] == pytest.approx(100 * gbps / (2 * nbytes / 0.05e6))
     assert row["x_torch"] == pytest.approx(1.25) and row["shape"] == "4096x4096"
-    text = bench_gpu.format_table([row, dict(row, variant="torch", ms=0.5, x_torch=1.0)])
+    text = report.format_table([row, dict(row, variant="torch", ms=0.5, x_torch=1.0)])
     lines = text.splitlines()
     assert lines[0].split()[:5] == ["shape", "dtype", "layout", "phase", "variant"]
     assert lines[1].split() == ["4096x4096", "float32", "nchw", "fwd+bwd", "bnkit", "0.4000",
@@ -425,11 +427,11 @@ def test_cases_and_shapes():
     got = bench_gpu.cases([(2, 3, 4, 5), (8, 4)], ["float32"], ["nchw", "channels_last"])
     assert got == [((2, 3, 4, 5), "float32", "nchw"), ((2, 3, 4, 5), "float32", "channels_last"),
                    ((8, 4), "float32", "nchw")]
-    assert bench_gpu.parse_shape("64x256x56x56") == (64, 256, 56, 56)
+    assert phases.parse_shape("64x256x56x56") == (64, 256, 56, 56)
     with pytest.raises(ValueError, match=r"at least N and C.*got '64'.*4096x4096"):
-        bench_gpu.parse_shape("64")
+        phases.parse_shape("64")
     with pytest.raises(ValueError, match=r"got '8xa'"):
-        bench_gpu.parse_shape("8xa")
+        phases.parse_shape("8xa")
 
 
 def test_gpu_bench_case_logic_on_cpu(restore_backend):
@@ -439,9 +441,9 @@ def test_gpu_bench_case_logic_on_cpu(restore_backend):
         ["--repeats", "2", "--warmup", "1", "--no-compile"])
     before = kernels.get_backend()
     rows = bench_gpu.run_case((4, 3, 2, 2), torch.float32, "channels_last", args, device="cpu",
-                              backend="reference", make_timer=lambda inner: bench_gpu.perf_timer())
+                              backend="reference", make_timer=lambda inner: timing.perf_timer())
     assert [(r["phase"], r["variant"]) for r in rows] == (
-        [(p, v) for p in bench_gpu.PHASES for v in ("bnkit", "torch")]
+        [(p, v) for p in phases.PHASES for v in ("bnkit", "torch")]
         + [(p, v) for p in ("forward", "fwd+bwd") for v in bench_gpu.ACT_VARIANTS])
     assert all(r["ms"] > 0 and r["pct_copy"] > 0 for r in rows)
     assert all(r["x_torch"] == 1.0 for r in rows if r["variant"] in ("torch", "torch bn, relu"))

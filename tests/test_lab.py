@@ -27,16 +27,16 @@ def reference_backend():
 @pytest.fixture(scope="module")
 def full_run(tiny_idx_dir, tmp_path_factory, reference_backend):
     """One mini run of every experiment (the bench limited to the reference backend)."""
-    from bnkit import bench
+    from bnkit.bench import backends
 
-    saved = bench.cpu_backends
-    bench.cpu_backends = lambda: ["reference"]  # the bench's numba variant compiles for seconds
+    saved = backends.cpu_backends
+    backends.cpu_backends = lambda: ["reference"]  # the bench's numba variant compiles for seconds
     try:
         cfg = config.resolve(None, "mini", data=str(tiny_idx_dir))
         result = runner.run_lab(cfg, tmp_path_factory.mktemp("lab") / "run", progress=False,
                                 strict=True)
     finally:
-        bench.cpu_backends = saved
+        backends.cpu_backends = saved
     return cfg, result
 
 

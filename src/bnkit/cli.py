@@ -32,7 +32,7 @@ HELP: dict[str, str] = {}
 #: optional subcommand -> (module exposing `add_arguments(parser)` and `main(args)`, help;
 #: "" takes the module docstring's first line). One module may serve several subcommands:
 #: it tells them apart by `args.command` or by the parser's prog ("bnkit report").
-OPTIONAL = {"bench": ("bnkit.bench", ""),
+OPTIONAL = {"bench": ("bnkit.bench.cli", ""),
             "lab": ("bnkit.lab.cli", "run the Fashion-MNIST experiments and write a report"),
             "report": ("bnkit.lab.cli", "rebuild the HTML report of a `bnkit lab` run")}
 #: optional subcommand -> why its module, though present, did not import (`bnkit info`).
