@@ -162,7 +162,7 @@ def test_train_classifier_on_eval_merges_extra_values():
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 0}, r"steps must be a positive integer, got 0"),
     ({"eval_every": -1}, r"eval_every must be a positive integer, got -1"),
-    ({"batch_size": 41}, r"batch_size must be at most the training set size \(40\), got 41"),
+    ({"batch_size": 41}, r"batch must be at most the number of training examples \(40\), got 41"),
     ({"lr": -0.1}, r"lr must be a positive finite number, got -0.1"),
     ({"lr": float("nan")}, r"lr must be a positive finite number, got nan"),
 ])

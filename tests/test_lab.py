@@ -431,7 +431,7 @@ def test_micro_batches_give_bn_k_examples():
 
 def test_lab_helpers_reject_bad_input():
     from bnkit.lab.models import norm2d
-    from bnkit.lab.train import fit, images
+    from bnkit.lab.train import TrainConfig, fit, images
 
     with pytest.raises(ValueError, match="unknown norm kind 'batch'.*pass one of those"):
         norm2d("batch", 4)
@@ -440,7 +440,8 @@ def test_lab_helpers_reject_bad_input():
     model = torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"batch must be at most the number .* \(4\), got 8"):
-        fit(model, torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), steps=1, batch=8, lr=1)
+        fit(model, torch.zeros(4, 2), torch.zeros(4, dtype=torch.long),
+            TrainConfig(steps=1, batch=8, lr=1))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

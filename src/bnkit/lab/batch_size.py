@@ -22,11 +22,10 @@ from __future__ import annotations
 from torch import nn
 
 from .. import nn as bnn
-from ..demo import make_mlp
 from . import plots
-from .models import make_cnn
+from .models import make_cnn, make_mlp
 from .sections import Section, Table, by, combine, decide, finite, fmt, mean, metric, paired, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "batch-size"
 TITLE = "Error against the normalization batch size"
@@ -90,8 +89,9 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     kw, micro = _norm_kw(cfg, norm, k)
     model, view = _model(cfg, norm, kw, seed)
     with ctx.bar(cfg["steps"], f"{norm}, norm batch {k}") as bar:
-        fit(model, view(data.x_train), data.y_train, steps=cfg["steps"], batch=cfg["batch"],
-            lr=cfg["lr"], momentum=cfg["momentum"], micro=micro, seed=seed, bar=bar)
+        fit(model, view(data.x_train), data.y_train,
+            TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                        momentum=cfg["momentum"], micro=micro, seed=seed), bar=bar)
     acc = evaluate(model, view(data.x_test), data.y_test, 500)
     return {"test_acc": acc, "test_err": 1 - acc}
 

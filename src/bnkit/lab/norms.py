@@ -26,7 +26,7 @@ from .. import nn as bnn
 from . import plots
 from .models import make_cnn
 from .sections import Section, Table, by, combine, compare, finite, fmt, mean, metric, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "norms"
 TITLE = "BatchNorm, LayerNorm, InstanceNorm and GroupNorm against the batch size"
@@ -91,9 +91,9 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     x, steps = images(data.x_train), cfg["steps"]
     with ctx.bar(steps, f"{LABELS[norm]}, batch {batch}") as bar:
         clock = StepClock(bar)
-        rows = fit(model, x, data.y_train, steps=steps, batch=batch, lr=lr_at(cfg, batch),
-                   momentum=cfg["momentum"], seed=seed, bar=clock, eval_every=steps // 4,
-                   eval_fn=lambda m: {})
+        config = TrainConfig(steps=steps, batch=batch, lr=lr_at(cfg, batch),
+                             momentum=cfg["momentum"], eval_every=steps // 4 or None, seed=seed)
+        rows = fit(model, x, data.y_train, config, bar=clock, eval_fn=lambda m, row: {})
     return {"acc": evaluate(model, images(data.x_test), data.y_test, 500),
             "ms_per_step": 1000 * clock.median(), "last_loss": rows[-1]["train_loss"]}
 
