@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import nn as bnn
+from ..nn.registry import get_norm
 
 INIT_STD = 1.0 / 28  # N(0, 1/28^2): the init under which the plain MLP plateaus at 10%
 
@@ -76,7 +77,7 @@ NORMS = ("bn", "ghost", "renorm", "group", "none")
 
 
 def norm2d(kind: str, channels: int, **kw) -> nn.Module:
-    """A normalization layer over (N, C, H, W).
+    """A normalization layer over (N, C, H, W), by its `bnkit.nn.get_norm` name.
 
     kind: 'bn' (bnkit BatchNorm2d), 'ghost' (GhostBatchNorm, kw virtual_batch_size),
     'renorm' (BatchRenorm, kw r_max/d_max/momentum), 'group' (torch GroupNorm, kw groups,
@@ -86,21 +87,19 @@ def norm2d(kind: str, channels: int, **kw) -> nn.Module:
         >>> type(norm2d("group", 16)).__name__
         'GroupNorm'
     """
-    if kind == "bn":
-        return bnn.BatchNorm2d(channels, **kw)
-    if kind == "ghost":
-        return bnn.GhostBatchNorm(channels, **kw)
-    if kind == "renorm":
-        return bnn.BatchRenorm(channels, **kw)
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm kind {kind!r}: expected one of {NORMS}; pass one of "
+                         "those names")
     if kind == "group":
-        groups = kw.get("groups", 4)
-        while channels % groups:
-            groups -= 1
-        return nn.GroupNorm(groups, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm kind {kind!r}: expected one of {NORMS}; pass one of "
-                     "those names")
+        kw = {"num_groups": divisor_at_most(channels, kw.get("groups", 4))}
+    return get_norm(kind, channels, **kw)
+
+
+def divisor_at_most(channels: int, groups: int) -> int:
+    """The largest number of groups <= `groups` that divides `channels`."""
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def make_cnn(widths=(16, 32), norm="bn", classes: int = 10, side: int = 28,

@@ -22,9 +22,9 @@ import time
 
 from torch import nn
 
-from .. import nn as bnn
+from ..nn.registry import get_norm
 from . import plots
-from .models import make_cnn
+from .models import divisor_at_most, make_cnn
 from .sections import Section, Table, by, combine, compare, finite, fmt, mean, metric, pct
 from .train import TrainConfig, evaluate, fit, images, subset
 
@@ -65,16 +65,13 @@ def norm_layer(kind: str, groups: int):
 
     def build(channels: int, side: int) -> nn.Module:
         if kind == "bn":
-            return bnn.BatchNorm2d(channels)
-        if kind == "layer":
+            return get_norm("batchnorm2d", channels)
+        if kind == "layer":  # over (C, H, W), so not the registry's per-position layernorm
             return nn.LayerNorm([channels, side, side])
         if kind == "instance":
-            return nn.InstanceNorm2d(channels, affine=True)
+            return get_norm("instancenorm", channels, affine=True)
         if kind == "group":
-            g = groups
-            while channels % g:
-                g -= 1
-            return nn.GroupNorm(g, channels)
+            return get_norm("groupnorm", channels, num_groups=divisor_at_most(channels, groups))
         raise ValueError(f"unknown norm {kind!r}: expected one of {NORMS}; pass one of those")
     return build
 
