@@ -330,9 +330,6 @@ def test_spread_and_fmt_match_statistics():
     assert sections.fmt(vals, 100) == (f"{100 * statistics.mean(finite):.1f} ± "
                                        f"{100 * statistics.stdev(finite):.1f} (n=3)")
     assert sections.fmt([0.5]) == "0.5 (n=1)" and sections.fmt([]) == "–"
-    assert sections.verdict_of([True, False]) == "mixed"
-    assert sections.verdict_of([False]) == "does not hold"
-    assert sections.verdict_of([]) == "not run"
 
 
 def test_records_ignore_torn_lines_and_keep_the_last_duplicate(tmp_path):
