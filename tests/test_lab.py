@@ -795,3 +795,25 @@ def test_batch_size_penalty_is_decided_on_paired_seeds():
     # a clear gain at the small batch contradicts the claim
     sec = batch_size.summarize(cfg, recs([0.17, 0.27, 0.22], [0.20, 0.30, 0.25]))
     assert sec.verdict == "does not hold"
+
+
+def test_every_experiment_module_follows_the_protocol():
+    """What docs/lab.md's experiment protocol lists: NAME equal to the EXPERIMENTS key, a
+    title, a claim, the three profiles as JSON dicts, and the four functions."""
+    import json
+
+    from bnkit.lab.config import EXPERIMENTS, PROFILES, experiment_module
+
+    for name in EXPERIMENTS:
+        mod = experiment_module(name)
+        assert mod.NAME == name
+        assert isinstance(mod.TITLE, str) and mod.TITLE and isinstance(mod.CLAIM, str)
+        assert set(mod.PROFILES) == set(PROFILES), name
+        for profile in PROFILES:
+            cfg = mod.PROFILES[profile]
+            assert json.loads(json.dumps(cfg)) == cfg, (name, profile)
+            assert mod.requires(cfg) is None or isinstance(mod.requires(cfg), str)
+            variants = mod.cells(cfg)
+            assert variants and all(json.loads(json.dumps(v)) == v for v in variants)
+        assert isinstance(getattr(mod, "USES_DATA", True), bool)
+        assert callable(mod.run_cell) and callable(mod.summarize)

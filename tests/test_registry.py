@@ -186,3 +186,22 @@ def test_convert_accepts_aliases_and_registered_kinds():
         convert(_trained_bn(), "hv_for_test")
     with pytest.raises(ValueError, match=r"unknown norm 'hv_for_test'"):
         get_norm("hv_for_test", 4)
+
+
+REQUIRED = {"ghost": {"virtual_batch_size": 4}, "recurrent": {"max_steps": 3}}  # no default
+
+
+@pytest.mark.parametrize("name", available_norms())
+def test_every_kind_builds_by_name_and_alias_and_runs(name):
+    """Each registered kind, built by its name and by each alias, is one of its classes and
+    normalizes a (N, C, H, W) batch to the shape it got."""
+    kind = norm_kind(name)
+    if name == "sync" and not kind.classes:
+        pytest.skip("SyncBatchNorm needs torch.distributed")
+    for spelling in (name, *kind.aliases):
+        layer = get_norm(spelling, 4, **REQUIRED.get(name, {}))
+        assert isinstance(layer, kind.classes), spelling
+    if name in ("sync", "recurrent", "batchnorm1d", "batchnorm3d"):
+        return  # a process group, a time step, another rank
+    x = torch.randn(6, 4, 3, 3)
+    assert get_norm(name, 4, **REQUIRED.get(name, {}))(x).shape == x.shape

@@ -4,6 +4,7 @@ from .base import NormBase
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
+from .layernorm import ChannelLayerNorm
 from .recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
 from .registry import available_norms, get_norm, register_norm
 from .renorm import BatchRenorm, renorm_schedule
@@ -17,6 +18,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct",
     "BatchRenorm",
+    "ChannelLayerNorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "NormBase",
