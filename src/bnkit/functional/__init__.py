@@ -93,8 +93,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
                          eps, axis, act, counter)
         if y is not None:
             return y
-    axis = checks.validate_call(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                axis, mask, act)
+    axis = checks.validate_call(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
     if input.numel() == 0:
         return _empty(input, weight, bias, axis, act)
