@@ -6,7 +6,7 @@ from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
 from .layernorm import ChannelLayerNorm
 from .recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
-from .registry import available_norms, get_norm, register_norm
+from .registry import available_norms, get_norm, register_norm, unregister_norm
 from .renorm import BatchRenorm, renorm_schedule
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "get_norm",
     "register_norm",
     "renorm_schedule",
+    "unregister_norm",
 ]
 
 try:  # SyncBatchNorm needs torch.distributed; the package imports without it

@@ -25,7 +25,8 @@ from .recurrent import RecurrentBatchNorm
 from .renorm import BatchRenorm
 
 __all__ = ["ChannelLayerNorm", "NormKind", "SourceLayer", "available_norms",
-           "convert_targets", "default_num_groups", "get_norm", "norm_kind", "register_norm"]
+           "convert_targets", "default_num_groups", "get_norm", "norm_kind", "register_norm",
+           "unregister_norm"]
 
 
 @dataclass
@@ -233,7 +234,8 @@ def norm_kind(name: str, *, purpose: str = "get_norm") -> NormKind:
     if purpose == "convert":
         if kind is None or kind.from_bn is None:
             raise ValueError(f"convert: unknown target {name!r}; expected one of "
-                             f"{', '.join(repr(t) for t in convert_targets())}")
+                             f"{', '.join(repr(t) for t in convert_targets())} (or an alias); "
+                             "add your own with bnkit.nn.register_norm(..., from_bn=...)")
     elif kind is None:
         raise ValueError(f"unknown norm {name!r}: expected one of {available_norms()} (or an "
                          f"alias: {sorted(_ALIASES)}); add your own with "
