@@ -58,8 +58,8 @@ def _imports(module: str, tree: ast.Module):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "bnkit" or alias.name.startswith("bnkit."):
-                    bound = alias.asname or alias.name.split(".")[0]
-                    yield node, alias.name, None, bound if alias.asname else None
+                    # `import bnkit.x as y` binds y to bnkit.x; `import bnkit.x` binds bnkit
+                    yield node, alias.name, None, alias.asname or "bnkit"
         elif isinstance(node, ast.ImportFrom):
             base = _base(module, node)
             if base == "bnkit" or base.startswith("bnkit."):
@@ -81,22 +81,31 @@ def private_uses(module: str) -> list[str]:
     for node, target, name, bound in _imports(module, tree):
         full = f"{target}.{name}" if name else target
         if name is None or full in MODULES:  # the name is a module: track attribute reads
-            if bound:
-                module_aliases[bound] = full
+            module_aliases[bound] = full if name or bound != "bnkit" else "bnkit"
             if name and _private(name) and target != own_package:
                 found.append(f"{module}:{node.lineno} imports private module {full}")
             continue
         if _private(name) and target != module:
             found.append(f"{module}:{node.lineno} imports {name} from {target}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                and node.value.id in module_aliases and _private(node.attr):
-            target = module_aliases[node.value.id]
-            if f"{target}.{node.attr}" in MODULES and target == own_package:
-                continue
-            found.append(f"{module}:{node.lineno} reads {node.value.id}.{node.attr} "
-                         f"({target})")
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        target = _module_of(node.value, module_aliases)
+        if target is None or (f"{target}.{node.attr}" in MODULES and target == own_package):
+            continue
+        found.append(f"{module}:{node.lineno} reads {ast.unparse(node)} ({target})")
     return found
+
+
+def _module_of(node: ast.expr, module_aliases: dict[str, str]) -> str | None:
+    """The bnkit module an expression names (`F`, `bnkit.kernels`), or None."""
+    if isinstance(node, ast.Name):
+        return module_aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _module_of(node.value, module_aliases)
+        if base is not None and f"{base}.{node.attr}" in MODULES:
+            return f"{base}.{node.attr}"
+    return None
 
 
 def _module_level(tree: ast.Module):
@@ -166,6 +175,10 @@ def test_the_checks_see_what_they_should():
     tree = ast.parse("def f():\n    import bnkit.lab\nif TYPE_CHECKING:\n    import bnkit.nn\n"
                      "try:\n    from . import sync\nexcept ImportError:\n    pass\n")
     assert [ast.unparse(n) for n in _module_level(tree)] == ["from . import sync"]
+    aliases = {"F": "bnkit.functional", "bnkit": "bnkit"}
+    assert _module_of(ast.parse("bnkit.kernels.cpu", mode="eval").body, aliases) \
+        == "bnkit.kernels.cpu"
+    assert _module_of(ast.parse("F.batch_norm", mode="eval").body, aliases) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
