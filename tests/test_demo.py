@@ -162,7 +162,7 @@ def test_train_classifier_on_eval_merges_extra_values():
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 0}, r"steps must be a positive integer, got 0"),
     ({"eval_every": -1}, r"eval_every must be a positive integer, got -1"),
-    ({"batch_size": 41}, r"batch_size must be at most the training set size \(40\), got 41"),
+    ({"batch_size": 41}, r"batch must be at most the number of training examples \(40\), got 41"),
     ({"lr": -0.1}, r"lr must be a positive finite number, got -0.1"),
     ({"lr": float("nan")}, r"lr must be a positive finite number, got nan"),
 ])
@@ -218,3 +218,17 @@ def test_real_data_reproduces_the_paper_shape_at_500_steps():
     results = run_demo(steps=500, eval_every=500, data=load_data(REAL_DIR), out=lambda s: None)
     assert results["plain"][-1]["test_acc"] < 0.15
     assert results["bn"][-1]["test_acc"] > 0.75
+
+
+def test_demo_imports_neither_the_lab_runner_nor_matplotlib():
+    """The demo uses the lab's training pieces only: importing it must not load the lab's
+    runner and report, whose plots need matplotlib (the `lab` extra the demo does not need)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bnkit.demo; loaded = [m for m in sys.modules if m == 'matplotlib' or "
+            "m.startswith(('matplotlib.', 'bnkit.lab.runner', 'bnkit.lab.report'))]; "
+            "print(loaded); sys.exit(1 if loaded else 0)")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

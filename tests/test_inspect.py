@@ -164,3 +164,24 @@ def test_errors():
         inspect(model, make_data())["x"]
     with pytest.raises(ValueError, match="no batches"):
         inspect(model, [])
+
+
+def test_progress_shows_a_bar_over_the_batches(monkeypatch):
+    """progress=True wraps the batches in tqdm (it was accepted and ignored before)."""
+    import sys
+    import types
+
+    seen = []
+
+    def fake_tqdm(iterable, total=None, desc=None, leave=True):
+        seen.append((total, desc))
+        return iter(iterable)
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", types.SimpleNamespace(tqdm=fake_tqdm))
+    data = make_data()
+    report = inspect(make_model(), data, progress=True)
+    assert seen == [(len(data), "inspect")]
+    assert report.num_batches == len(data)
+    inspect(make_model(), data)
+    assert len(seen) == 1  # the default shows none

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .activation import ACTIVATIONS, check_act
+from .activation import ACTIVATIONS
 from .autograd import advance, bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
 from .export import lowered_call, lowering
@@ -38,21 +38,6 @@ def _valid_count(x, axis, mask) -> int:
         return x.numel() // max(x.shape[axis], 1)
     shape = [s for d, s in enumerate(x.shape) if d != axis]
     return int(mask.expand(shape).sum())
-
-
-def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, mask,
-              act):
-    checks.check_input(x)
-    axis = checks.normalize_axis(axis, x.dim())
-    for name, v in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        checks.check_channel_vector(name, v, x, axis)
-    checks.check_scalars(momentum, eps, training)
-    checks.check_running(running_mean, running_var, training)
-    if mask is not None:
-        checks.check_mask(mask, x, axis)
-    check_act(act)
-    return axis
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -108,8 +93,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
                          eps, axis, act, counter)
         if y is not None:
             return y
-    axis = _validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                     axis, mask, act)
+    axis = checks.validate_call(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
     if input.numel() == 0:
         return _empty(input, weight, bias, axis, act)

@@ -18,6 +18,7 @@ from ..errors import (
     BNTypeError,
     BNValueError,
 )
+from .activation import check_act
 
 
 def normalize_axis(axis, ndim: int) -> int:
@@ -193,3 +194,21 @@ def check_scalars(momentum, eps, training=False) -> None:
                            "(m_torch = 1 - m_keras)")
     if not float(eps) >= 0.0:
         raise BNValueError(f"eps must be >= 0 (got {eps}); the usual value is 1e-5")
+
+
+def validate_call(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                  mask, act) -> int:
+    """Every check of one core call, before anything is touched; returns the channel axis
+    normalized to [0, x.dim()). Layers that run the core's pieces themselves (ghost, renorm,
+    sync) call it first, so their errors are the core's."""
+    check_input(x)
+    axis = normalize_axis(axis, x.dim())
+    for name, v in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        check_channel_vector(name, v, x, axis)
+    check_scalars(momentum, eps, training)
+    check_running(running_mean, running_var, training)
+    if mask is not None:
+        check_mask(mask, x, axis)
+    check_act(act)
+    return axis

@@ -233,14 +233,10 @@ def centred_input(z, weight, bias, invstd, axis):
 
 def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, act,
              act_param) -> int:
-    """Every check of the core's call plus the activation's; returns axis >= 0."""
-    checks.check_input(x)
-    axis = checks.normalize_axis(axis, x.dim())
-    for name, v in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        checks.check_channel_vector(name, v, x, axis)
-    checks.check_scalars(momentum, eps, training)
-    checks.check_running(running_mean, running_var, training)
+    """Every check of the core's call (`checks.validate_call`, no mask, identity act) plus the
+    invertible activation's; returns axis >= 0."""
+    axis = checks.validate_call(x, running_mean, running_var, weight, bias, training, momentum,
+                                eps, axis, None, "identity")
     check_invertible(act, act_param)
     return axis
 

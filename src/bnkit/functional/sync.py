@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from .. import kernels
 from ..kernels import reference
 from .backward import grad_affine, padding_safe
+from .checks import validate_call
 from .normalize import inv_std
 from .running import update_running
 from .stats import Stats, mask_view, merge_many
@@ -164,9 +165,7 @@ def shared_rejection(input, group):
 
 def _validate(x, running_mean, running_var, weight, bias, momentum, eps, axis, mask, group):
     """All local checks before any collective. Returns axis >= 0."""
-    from . import _validate as core_validate  # at call time: no import cycle with __init__
-
-    axis = core_validate(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
+    axis = validate_call(x, running_mean, running_var, weight, bias, True, momentum, eps, axis,
                          mask, "identity")
     if dist.get_backend(group) == "nccl" and x.device.type != "cuda":
         raise ValueError(f"the nccl backend needs CUDA tensors (got input on {x.device}); move "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import plots
 from .models import make_cnn
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "adversarial"
 TITLE = "Robustness to adversarial examples and noise, with and without BN"
@@ -118,8 +118,9 @@ def train_to_target(model, data, cfg: dict, seed: int, bar) -> tuple[int, float]
     while acc < cfg["target"] and steps < cfg["max_steps"]:
         chunk = min(cfg["check_every"], cfg["max_steps"] - steps)
         # a new batch order per chunk, seeded by the seed and the chunk
-        fit(model, x, y, steps=chunk, batch=cfg["batch"], lr=cfg["lr"],
-            momentum=cfg["momentum"], seed=1000 * seed + steps, bar=bar)
+        fit(model, x, y, TrainConfig(steps=chunk, batch=cfg["batch"], lr=cfg["lr"],
+                                     momentum=cfg["momentum"], seed=1000 * seed + steps),
+            bar=bar)
         steps += chunk
         acc = evaluate(model, xv, yv, 500)
     return steps, acc

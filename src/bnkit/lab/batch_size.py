@@ -19,14 +19,12 @@ at k=2 in the second block), so its small-batch penalty only shows after longer 
 """
 from __future__ import annotations
 
-from torch import nn
-
 from .. import nn as bnn
-from ..demo import make_mlp
+from ..nn.registry import get_norm
 from . import plots
-from .models import make_cnn
+from .models import make_cnn, make_mlp
 from .sections import Section, Table, by, combine, decide, finite, fmt, mean, metric, paired, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "batch-size"
 TITLE = "Error against the normalization batch size"
@@ -53,7 +51,6 @@ _LAYERS = {"ghost": "GhostBatchNorm", "renorm": "BatchRenorm"}
 
 def requires(cfg: dict) -> str | None:
     """The bnkit.nn layers the configured norms need, if any is missing."""
-    from .. import nn as bnn
 
     missing = [_LAYERS[n] for n in cfg["norms"] if n in _LAYERS and not hasattr(bnn, _LAYERS[n])]
     return f"bnkit.nn has no {', '.join(missing)} yet" if missing else None
@@ -90,13 +87,14 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     kw, micro = _norm_kw(cfg, norm, k)
     model, view = _model(cfg, norm, kw, seed)
     with ctx.bar(cfg["steps"], f"{norm}, norm batch {k}") as bar:
-        fit(model, view(data.x_train), data.y_train, steps=cfg["steps"], batch=cfg["batch"],
-            lr=cfg["lr"], momentum=cfg["momentum"], micro=micro, seed=seed, bar=bar)
+        fit(model, view(data.x_train), data.y_train,
+            TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                        momentum=cfg["momentum"], micro=micro, seed=seed), bar=bar)
     acc = evaluate(model, view(data.x_test), data.y_test, 500)
     return {"test_acc": acc, "test_err": 1 - acc}
 
 
-_MLP_NORMS = {"bn": "BatchNorm1d", "ghost": "GhostBatchNorm", "renorm": "BatchRenorm"}
+_MLP_NORMS = {"bn": "batchnorm1d", "ghost": "ghost", "renorm": "renorm"}  # get_norm names
 
 
 def _model(cfg: dict, norm: str, kw: dict, seed: int):
@@ -107,10 +105,10 @@ def _model(cfg: dict, norm: str, kw: dict, seed: int):
         return make_cnn(cfg["widths"], norm, seed=seed, **kw), images
     if norm == "group":
         def factory(c):
-            return nn.GroupNorm(kw["groups"], c)
+            return get_norm("groupnorm", c, num_groups=kw["groups"])
     else:
         def factory(c):
-            return getattr(bnn, _MLP_NORMS[norm])(c, **kw)
+            return get_norm(_MLP_NORMS[norm], c, **kw)
     return make_mlp(True, cfg["hidden"], cfg["depth"], factory, init_std=cfg["init_std"],
                     seed=seed), lambda x: x
 

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from ..demo import make_mlp, train_classifier, warm_up
 from . import plots
+from .models import make_mlp
 from .sections import Section, Table, by, combine, decide, fmt, mean, metric, paired, pct
-from .train import subset
+from .train import subset, train_classifier, warm_up
 
 NAME = "convergence"
 TITLE = "Convergence with and without BN (BN paper, Fig. 1)"

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as bnn
-from ..demo import batch_indices
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric
+from .train import batch_indices
 
 NAME = "gradients"
 TITLE = "Vanishing and exploding gradients with depth"

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as bnn
-from ..demo import batch_indices
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, subset
+from .train import batch_indices, evaluate, subset
 
 NAME = "ics"
 TITLE = "Internal covariate shift and loss-landscape smoothness"

@@ -15,7 +15,7 @@ import torch
 from . import plots
 from .models import make_cnn, make_resnet
 from .sections import Section, Table, by, combine, compare, evidence, fmt, mean, metric
-from .train import fit, images, subset
+from .train import TrainConfig, fit, images, subset
 
 NAME = "inference"
 TITLE = "Folding BN into convolutions for inference"
@@ -69,8 +69,8 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
 
     data = subset(ctx.data(), n_test=cfg["test_subset"])
     model = _build(cfg, variant["model"], seed)
-    fit(model, images(data.x_train), data.y_train, steps=cfg["train_steps"], batch=cfg["batch"],
-        lr=cfg["lr"], seed=seed)
+    fit(model, images(data.x_train), data.y_train,
+        TrainConfig(steps=cfg["train_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=seed))
     model.eval()
     x = images(data.x_test)
     folded, rep = fold(model, x[:cfg["batch"]], return_report=True)

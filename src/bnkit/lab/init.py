@@ -8,10 +8,10 @@ large scales and barely moves at small ones.
 """
 from __future__ import annotations
 
-from ..demo import make_mlp, train_classifier
 from . import plots
+from .models import make_mlp
 from .sections import Section, Table, by, combine, compare, evidence, fmt, mean, metric, pct
-from .train import subset
+from .train import subset, train_classifier
 
 NAME = "init"
 TITLE = "Sensitivity to the weight-initialization scale"

@@ -1,18 +1,83 @@
-"""Models of the lab: a small CNN, a small ResNet-style net and a row-by-row RNN classifier,
-each built with a pluggable normalization layer. The MLP is `bnkit.demo.make_mlp`.
+"""Models of the demo and the lab: the BN paper's sigmoid MLP, a small CNN, a small
+ResNet-style net and a row-by-row RNN classifier, each built with a pluggable normalization
+layer.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .. import nn as bnn
+from ..nn.registry import get_norm
+
+INIT_STD = 1.0 / 28  # N(0, 1/28^2): the init under which the plain MLP plateaus at 10%
+
+
+def make_mlp(bn: bool, hidden: int = 100, depth: int = 3, norm: Callable | None = None, *,
+             in_features: int = 784, classes: int = 10, init_std: float = INIT_STD,
+             seed: int = 0) -> nn.Sequential:
+    """The sigmoid MLP of the BN paper: `depth` x [Linear -> (norm) -> Sigmoid] -> Linear.
+
+    Weights are drawn from N(0, init_std^2) with a generator seeded by `seed`, so two calls
+    with the same seed and sizes start from the same weights whether or not `bn` is set.
+    Biases start at 0; the Linear layers feeding a norm layer have no bias (the norm's
+    shift beta replaces it).
+
+    Args:
+        bn: Insert a norm layer before each sigmoid.
+        hidden: Units per hidden layer (default 100).
+        depth: Number of hidden layers (default 3).
+        norm: Factory `num_features -> nn.Module` for the norm layer (default None:
+            `bnkit.nn.BatchNorm1d`); only valid with bn=True.
+        in_features: Input size (default 784 = 28 * 28).
+        classes: Output size (default 10).
+        init_std: Standard deviation of the initial weights (default 1/28).
+        seed: Seed of the weight generator (default 0).
+
+    Shape: input (N, in_features), output logits (N, classes).
+
+    Example:
+        >>> model = make_mlp(bn=True)
+        >>> model(torch.rand(60, 784)).shape
+        torch.Size([60, 10])
+    """
+    if norm is not None and not bn:
+        raise ValueError("norm= is only used with bn=True, got bn=False and norm="
+                         f"{norm!r}; pass bn=True to insert it, or drop norm=")
+    for name, value in (("hidden", hidden), ("depth", depth), ("in_features", in_features),
+                        ("classes", classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; pass a layer "
+                             "size or count >= 1")
+    norm = norm or bnn.BatchNorm1d
+    layers, width = [], in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden, bias=not bn)] + ([norm(hidden)] if bn else [])
+        layers.append(nn.Sigmoid())
+        width = hidden
+    layers.append(nn.Linear(width, classes))
+    _init_linear(layers, init_std, seed)
+    return nn.Sequential(*layers)
+
+
+def _init_linear(layers, init_std: float, seed: int) -> None:
+    """Weights ~ N(0, init_std^2) in layer order from one seeded generator; biases 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * init_std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+
 
 NORMS = ("bn", "ghost", "renorm", "group", "none")
 
 
 def norm2d(kind: str, channels: int, **kw) -> nn.Module:
-    """A normalization layer over (N, C, H, W).
+    """A normalization layer over (N, C, H, W), by its `bnkit.nn.get_norm` name.
 
     kind: 'bn' (bnkit BatchNorm2d), 'ghost' (GhostBatchNorm, kw virtual_batch_size),
     'renorm' (BatchRenorm, kw r_max/d_max/momentum), 'group' (torch GroupNorm, kw groups,
@@ -22,21 +87,19 @@ def norm2d(kind: str, channels: int, **kw) -> nn.Module:
         >>> type(norm2d("group", 16)).__name__
         'GroupNorm'
     """
-    if kind == "bn":
-        return bnn.BatchNorm2d(channels, **kw)
-    if kind == "ghost":
-        return bnn.GhostBatchNorm(channels, **kw)
-    if kind == "renorm":
-        return bnn.BatchRenorm(channels, **kw)
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm kind {kind!r}: expected one of {NORMS}; pass one of "
+                         "those names")
     if kind == "group":
-        groups = kw.get("groups", 4)
-        while channels % groups:
-            groups -= 1
-        return nn.GroupNorm(groups, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm kind {kind!r}: expected one of {NORMS}; pass one of "
-                     "those names")
+        kw = {"num_groups": divisor_at_most(channels, kw.get("groups", 4))}
+    return get_norm(kind, channels, **kw)
+
+
+def divisor_at_most(channels: int, groups: int) -> int:
+    """The largest number of groups <= `groups` that divides `channels`."""
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def make_cnn(widths=(16, 32), norm="bn", classes: int = 10, side: int = 28,

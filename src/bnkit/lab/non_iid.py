@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from .. import nn as bnn
-from ..demo import batch_indices
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, fit, subset
+from .train import TrainConfig, batch_indices, evaluate, fit, subset
 
 NAME = "non-iid"
 TITLE = "Non-i.i.d. minibatches: BN against Batch Renorm"
@@ -119,10 +118,10 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     order = (batch_indices(len(x), cfg["batch"], gen) if variant["sampling"] == "iid"
              else class_batches(y, cfg["batch"], cfg["classes_per_batch"], gen))
     with ctx.bar(cfg["steps"], f"{variant['norm']}, {variant['sampling']}") as bar:
-        rows = fit(model, x, y, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
-                   momentum=cfg["momentum"], bar=bar, eval_every=cfg["eval_every"],
-                   eval_fn=lambda m: {"acc": evaluate(m, data.x_test, data.y_test)},
-                   order=order)
+        config = TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                             momentum=cfg["momentum"], eval_every=cfg["eval_every"])
+        rows = fit(model, x, y, config, bar=bar, order=order,
+                   eval_fn=lambda m, row: {"acc": evaluate(m, data.x_test, data.y_test)})
     steps, accs = [r["step"] for r in rows], [r["acc"] for r in rows]
     late = accs[-cfg["late_evals"]:]
     return {"steps": steps, "acc": accs, "final_acc": accs[-1], "late_acc": sum(late) / len(late)}

@@ -22,11 +22,11 @@ import time
 
 from torch import nn
 
-from .. import nn as bnn
+from ..nn.registry import get_norm
 from . import plots
-from .models import make_cnn
+from .models import divisor_at_most, make_cnn
 from .sections import Section, Table, by, combine, compare, finite, fmt, mean, metric, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "norms"
 TITLE = "BatchNorm, LayerNorm, InstanceNorm and GroupNorm against the batch size"
@@ -65,16 +65,13 @@ def norm_layer(kind: str, groups: int):
 
     def build(channels: int, side: int) -> nn.Module:
         if kind == "bn":
-            return bnn.BatchNorm2d(channels)
-        if kind == "layer":
+            return get_norm("batchnorm2d", channels)
+        if kind == "layer":  # over (C, H, W), so not the registry's per-position layernorm
             return nn.LayerNorm([channels, side, side])
         if kind == "instance":
-            return nn.InstanceNorm2d(channels, affine=True)
+            return get_norm("instancenorm", channels, affine=True)
         if kind == "group":
-            g = groups
-            while channels % g:
-                g -= 1
-            return nn.GroupNorm(g, channels)
+            return get_norm("groupnorm", channels, num_groups=divisor_at_most(channels, groups))
         raise ValueError(f"unknown norm {kind!r}: expected one of {NORMS}; pass one of those")
     return build
 
@@ -91,9 +88,9 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     x, steps = images(data.x_train), cfg["steps"]
     with ctx.bar(steps, f"{LABELS[norm]}, batch {batch}") as bar:
         clock = StepClock(bar)
-        rows = fit(model, x, data.y_train, steps=steps, batch=batch, lr=lr_at(cfg, batch),
-                   momentum=cfg["momentum"], seed=seed, bar=clock, eval_every=steps // 4,
-                   eval_fn=lambda m: {})
+        config = TrainConfig(steps=steps, batch=batch, lr=lr_at(cfg, batch),
+                             momentum=cfg["momentum"], eval_every=steps // 4 or None, seed=seed)
+        rows = fit(model, x, data.y_train, config, bar=clock, eval_fn=lambda m, row: {})
     return {"acc": evaluate(model, images(data.x_test), data.y_test, 500),
             "ms_per_step": 1000 * clock.median(), "last_loss": rows[-1]["train_loss"]}
 

@@ -15,7 +15,7 @@ from torch import nn
 from . import plots
 from .models import RowRNN
 from .sections import Section, Table, by, compare, evidence, finite, fmt, mean, metric, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "recurrent"
 TITLE = "BN-LSTM against LSTM on sequential Fashion-MNIST"
@@ -72,13 +72,14 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     model = make_rnn(variant["cell"], cfg["hidden"], seed=seed)
     xt = images(data.x_test)
 
-    def eval_fn(m):
+    def eval_fn(m, row):
         return {"test_acc": evaluate(m, xt, data.y_test, 500)}
 
     with ctx.bar(cfg["steps"], variant["cell"]) as bar:
-        rows = fit(model, images(data.x_train), data.y_train, steps=cfg["steps"],
-                   batch=cfg["batch"], lr=cfg["lr"], optimizer="rmsprop", clip=cfg["clip"],
-                   seed=seed, bar=bar, eval_every=cfg["eval_every"], eval_fn=eval_fn)
+        config = TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                             optimizer="rmsprop", clip=cfg["clip"], eval_every=cfg["eval_every"],
+                             seed=seed)
+        rows = fit(model, images(data.x_train), data.y_train, config, bar=bar, eval_fn=eval_fn)
     return {"steps": [r["step"] for r in rows], "acc": [r["test_acc"] for r in rows],
             "loss": [r["train_loss"] for r in rows], "final_acc": rows[-1]["test_acc"]}
 

@@ -27,7 +27,7 @@ from torch import nn
 from .. import nn as bnn
 from . import plots
 from .sections import Section, Table, by, combine, compare, fmt, mean, metric, pct
-from .train import evaluate, fit, subset
+from .train import TrainConfig, evaluate, fit, subset
 
 NAME = "regularization"
 TITLE = "BN as a regularizer, with L2 and Dropout"
@@ -159,13 +159,14 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     reg = variant["reg"]
     model = make_model(reg, cfg["hidden"], cfg["dropout"], x.shape[1], seed)
     wd = cfg["weight_decay"] if reg.endswith("l2") else 0.0
-    def eval_fn(m):
+    def eval_fn(m, row):
         return {"acc": evaluate(m, data.x_test, data.y_test), "norm": _hidden_weight_norm(m)}
 
     with ctx.bar(cfg["steps"], reg) as bar:
-        fitted = fit(model, x, y, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
-                     momentum=cfg["momentum"], seed=seed, bar=bar,
-                     eval_every=cfg["eval_every"], eval_fn=eval_fn, weight_decay=wd)
+        config = TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                             momentum=cfg["momentum"], weight_decay=wd,
+                             eval_every=cfg["eval_every"], seed=seed)
+        fitted = fit(model, x, y, config, bar=bar, eval_fn=eval_fn)
     rows = [(r["step"], r["acc"], r["norm"]) for r in fitted]
     train_acc = evaluate(model, x, y)
     out = {"steps": [r[0] for r in rows], "test_acc": [r[1] for r in rows],

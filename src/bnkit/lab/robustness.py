@@ -14,7 +14,7 @@ from . import plots
 from .corruptions import LEVELS, corrupt
 from .models import make_cnn
 from .sections import Section, Table, by, combine, decide, finite, fmt, mean, pct
-from .train import evaluate, fit, images, subset
+from .train import TrainConfig, evaluate, fit, images, subset
 
 NAME = "robustness"
 TITLE = "Robustness to corruptions and test-time BN adaptation"
@@ -51,8 +51,9 @@ def _source_model(ctx, cfg: dict, seed: int):
         data = subset(ctx.data(), cfg["train_subset"])
         model = make_cnn(cfg["widths"], "bn", seed=seed)
         with ctx.bar(cfg["steps"], "train source CNN") as bar:
-            fit(model, images(data.x_train), data.y_train, steps=cfg["steps"],
-                batch=cfg["batch"], lr=cfg["lr"], momentum=cfg["momentum"], seed=seed, bar=bar)
+            fit(model, images(data.x_train), data.y_train,
+                TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                            momentum=cfg["momentum"], seed=seed), bar=bar)
         return model.eval()
     return ctx.artifact(f"robustness-cnn-seed{seed}", build)
 

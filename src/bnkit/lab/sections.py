@@ -110,15 +110,6 @@ def pct(value: float, digits: int = 1) -> str:
     return "n/a" if not math.isfinite(value) else f"{100 * value:.{digits}f}%"
 
 
-def verdict_of(flags: list[bool]) -> str:
-    """'holds' when every check passed, 'does not hold' when none did, else 'mixed'."""
-    if not flags:
-        return "not run"
-    if all(flags):
-        return "holds"
-    return "does not hold" if not any(flags) else "mixed"
-
-
 def _difference(a, b) -> tuple[float, float, int, int] | None:
     """(mean(a) - mean(b), its standard error, n_a, n_b); b may be a fixed number (n_b 0,
     no error). None when a group has fewer than 2 finite values."""

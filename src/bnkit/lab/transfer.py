@@ -22,7 +22,7 @@ from torch import nn
 from . import plots
 from .models import make_cnn
 from .sections import Section, Table, by, combine, decide, finite, fmt, mean, metric, paired, pct
-from .train import class_subset, evaluate, fit, images, subset
+from .train import TrainConfig, class_subset, evaluate, fit, images, subset
 
 NAME = "transfer"
 TITLE = "Transfer to new classes: what to do with BN when fine-tuning"
@@ -61,8 +61,9 @@ def _pretrained(ctx, cfg: dict, seed: int):
         x, y = class_subset(images(data.x_train), data.y_train, cfg["source_classes"])
         model = make_cnn(cfg["widths"], "bn", classes=len(cfg["source_classes"]), seed=seed)
         with ctx.bar(cfg["pretrain_steps"], "pretrain on source classes") as bar:
-            fit(model, x, y, steps=cfg["pretrain_steps"], batch=cfg["batch"], lr=cfg["lr"],
-                momentum=cfg["momentum"], seed=seed, bar=bar)
+            fit(model, x, y, TrainConfig(steps=cfg["pretrain_steps"], batch=cfg["batch"],
+                                         lr=cfg["lr"], momentum=cfg["momentum"], seed=seed),
+                bar=bar)
         xt, yt = class_subset(images(data.x_test), data.y_test, cfg["source_classes"])
         return model.eval(), evaluate(model, xt, yt, 500)
     return ctx.artifact(f"transfer-cnn-seed{seed}", build)
@@ -97,8 +98,9 @@ def run_cell(ctx, cfg: dict, variant: dict, seed: int) -> dict:
     x, y = class_subset(images(data.x_train), data.y_train, target, variant["k"], seed)
     model, params = prepare(base, variant["method"], x, len(target), seed)
     with ctx.bar(cfg["ft_steps"], f"k={variant['k']}, {variant['method']}") as bar:
-        fit(model, x, y, steps=cfg["ft_steps"], batch=min(cfg["batch"], len(x)),
-            lr=cfg["ft_lr"], momentum=cfg["momentum"], params=params, seed=seed, bar=bar)
+        fit(model, x, y, TrainConfig(steps=cfg["ft_steps"], batch=min(cfg["batch"], len(x)),
+                                     lr=cfg["ft_lr"], momentum=cfg["momentum"], seed=seed),
+            params=params, bar=bar)
     xt, yt = class_subset(images(data.x_test), data.y_test, target)
     return {"test_acc": evaluate(model, xt, yt, 500), "source_acc": source_acc,
             "train_examples": len(x)}

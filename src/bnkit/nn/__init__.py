@@ -5,8 +5,9 @@ from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
 from .inplace_abn import InPlaceABN, InPlaceABNSync, load_inplace_abn_state_dict
+from .layernorm import ChannelLayerNorm
 from .recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
-from .registry import available_norms, get_norm, register_norm
+from .registry import available_norms, get_norm, register_norm, unregister_norm
 from .renorm import BatchRenorm, renorm_schedule
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct",
     "BatchRenorm",
+    "ChannelLayerNorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "InPlaceABN",
@@ -29,6 +31,7 @@ __all__ = [
     "load_inplace_abn_state_dict",
     "register_norm",
     "renorm_schedule",
+    "unregister_norm",
 ]
 
 try:  # SyncBatchNorm needs torch.distributed; the package imports without it

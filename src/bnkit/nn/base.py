@@ -33,7 +33,7 @@ class NormBase(nn.Module):
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
                  bias: bool = True, device=None, dtype=None) -> None:
         nn.Module.__init__(self)  # not _BatchNorm.__init__: the registration below is ours
-        _check_constructor(num_features, eps, momentum)
+        check_constructor(num_features, eps, momentum)
         fk = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats, self.axis = affine, track_running_stats, axis
@@ -127,7 +127,7 @@ class NormBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        _unwrap_converted(self, state_dict, prefix)
+        unwrap_converted(self, state_dict, prefix)
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
@@ -139,7 +139,7 @@ class NormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-def _unwrap_converted(layer, state_dict, prefix) -> None:
+def unwrap_converted(layer, state_dict, prefix) -> None:
     """Accept the state dict of the layer's `convert(..., "torch")` form: the torch BN at
     child "0", then the layer's drop/act modules at "1", "2" (nn.Sequential or the fx module
     that moves the channel axis). Keys move in place, before torch's loading sees them."""
@@ -156,7 +156,7 @@ def _unwrap_converted(layer, state_dict, prefix) -> None:
             state_dict[prefix + names[int(head)] + rest] = state_dict.pop(key)
 
 
-def _check_constructor(num_features, eps, momentum) -> None:
+def check_constructor(num_features, eps, momentum) -> None:
     """The constructor's arguments, with bnkit.errors' classes (TypeError for a wrong type,
     ValueError + RuntimeError for a negative size, as torch's layer reports them)."""
     if isinstance(num_features, bool) or not isinstance(num_features, int):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .base import _check_constructor, _unwrap_converted
+from .base import check_constructor, unwrap_converted
 from .export import scripted_batch_norm
 
 _KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -40,7 +40,7 @@ class FrozenBatchNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, *, axis: int = 1, device=None,
                  dtype=None) -> None:
         super().__init__()
-        _check_constructor(num_features, eps, None)
+        check_constructor(num_features, eps, None)
         fk = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.axis = num_features, eps, axis
         self.momentum = 0.1  # not used here: the momentum `to_batchnorm` gives back
@@ -101,7 +101,7 @@ class FrozenBatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        _unwrap_converted(self, state_dict, prefix)  # its convert(..., "torch") form
+        unwrap_converted(self, state_dict, prefix)  # its convert(..., "torch") form
         key = prefix + "num_batches_tracked"
         if key not in state_dict:  # torchvision FrozenBatchNorm2d and pre-v2 torch checkpoints
             state_dict[key] = self.num_batches_tracked.detach().clone()

@@ -5,8 +5,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from ..functional import _validate, update_running
+from ..functional import update_running
 from ..functional.autograd import bn_apply
+from ..functional.checks import validate_call
 from ..functional.export import refuse_trace
 from ..functional.stats import Stats, merge_many
 from .base import NormBase
@@ -85,8 +86,8 @@ class GhostBatchNorm(NormBase, _BatchNorm):
             refuse_trace("GhostBatchNorm in training mode (got training=True)")
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
-        axis = _validate(input, rm, rv, self.weight, self.bias, True, momentum, self.eps,
-                         self.axis, mask, "identity")
+        axis = validate_call(input, rm, rv, self.weight, self.bias, True, momentum, self.eps,
+                             self.axis, mask, "identity")
         if input.numel() == 0:  # empty output, nothing counted
             return F.batch_norm(input, None, None, self.weight, self.bias, True, axis=axis)
         mask = self._full_mask(input, mask, axis)

@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .. import kernels
-from ..functional import _validate
+from ..functional.checks import validate_call
 from ..functional.stats import mask_view
 from .base import NormBase
 
@@ -132,8 +132,8 @@ class BatchRenorm(NormBase, _BatchNorm):
     def _effective_affine(self, x, mask, rm, rv):
         """(weight * r, bias + weight * d), r and d (C,) detached, from one stats pass."""
         # the core's own checks first: a bad input fails before the extra statistics pass
-        axis = _validate(x, rm, rv, self.weight, self.bias, True, 0.0, self.eps, self.axis,
-                         mask, "identity")
+        axis = validate_call(x, rm, rv, self.weight, self.bias, True, 0.0, self.eps, self.axis,
+                             mask, "identity")
         r_max, d_max = self.limits()
         if mask is not None:
             mask = mask_view(mask, x.dim(), axis)

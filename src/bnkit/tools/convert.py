@@ -1,11 +1,13 @@
 """Swap every BN-like layer of a model for another kind, keeping what carries over.
 
-Targets: "torch" (torch.nn only: BatchNorm1d/2d/3d, or an fx module around BatchNorm1d for
-any rank or channel axis), "bnkit" (bnkit.nn.BatchNorm*, BatchNormAct for layers with an
-activation), "sync" (bnkit.nn.SyncBatchNorm), "frozen" (bnkit.nn.FrozenBatchNorm), "renorm"
-(BatchRenorm), "ghost" (GhostBatchNorm) and "group" (torch.nn.GroupNorm). weight, bias,
-running_mean, running_var and num_batches_tracked are copied bit for bit where the target has
-them (GroupNorm keeps only weight and bias), along with eps, momentum, affine,
+Targets are the kinds of `bnkit.nn.registry` that say how to build themselves from a BN
+layer (`convert_targets()`; the names and aliases of `get_norm`): "torch" (torch.nn only:
+BatchNorm1d/2d/3d, or an fx module around BatchNorm1d for any rank or channel axis),
+"batchnorm" or "bnkit" (bnkit.nn.BatchNorm*, BatchNormAct for layers with an activation),
+"sync" (bnkit.nn.SyncBatchNorm), "frozen" (bnkit.nn.FrozenBatchNorm), "renorm"
+(BatchRenorm), "ghost" (GhostBatchNorm) and "groupnorm" or "group" (torch.nn.GroupNorm).
+weight, bias, running_mean, running_var and num_batches_tracked are copied bit for bit where
+the target has them (GroupNorm keeps only weight and bias), along with eps, momentum, affine,
 track_running_stats, the channel axis, the training flag and requires_grad. A layer with an
 activation (bnkit's BatchNormAct, timm's BatchNormAct2d: a BN with `act` and `drop` children)
 keeps them: it becomes nn.Sequential(<new BN>, [drop,] act), or a BatchNormAct for "bnkit".
@@ -14,14 +16,19 @@ Like torch's `convert_sync_batchnorm`, layers are replaced in their parents in p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .. import nn as bnn
-from ..nn.act import tail_modules
-from ..nn.registry import default_num_groups
+from ..nn.act import BatchNormAct, tail_modules
+from ..nn.inplace_abn import InPlaceABN
+from ..nn.registry import (
+    NormKind,
+    SourceLayer,
+    convert_targets,
+    default_num_groups,
+    norm_kind,
+)
 from .walk import (
     bn_axis,
     bn_eps,
@@ -33,30 +40,11 @@ from .walk import (
     working_copy,
 )
 
-TARGETS = ("torch", "bnkit", "sync", "frozen", "renorm", "ghost", "group", "inplace_abn")
-_KWARGS = {"torch": set(), "bnkit": set(), "sync": {"process_group"}, "frozen": set(),
-           "renorm": {"r_max", "d_max"}, "ghost": {"virtual_batch_size"},
-           "group": {"num_groups"}, "inplace_abn": set()}
+TARGETS = tuple(convert_targets())  # the built-in targets; register_norm can add more
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 UNFROZEN = "_bnkit_unfrozen"  # attribute of a FrozenBatchNorm made by convert: its source layer
+Source = SourceLayer  # the name this module has always exported
 SOURCE_DIM = "_bnkit_source_dim"  # of an InPlaceABN made by convert: the source's 1/2/3 (d)
-
-
-@dataclass
-class Source:
-    """What a BN-like layer is, as far as building another kind needs."""
-
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    has_bias: bool
-    track_running_stats: bool
-    axis: int
-    dim: int | None  # 1, 2 or 3 from a class name ending in 1d/2d/3d, else None (any rank)
-    training: bool
-    device: torch.device
-    dtype: torch.dtype
 
 
 def describe(bn: nn.Module) -> Source:
@@ -99,23 +87,6 @@ def copy_state(src: nn.Module, dst: nn.Module) -> None:
                     d.requires_grad_(s.requires_grad)
 
 
-def _bn_args(s: Source) -> tuple:
-    return s.num_features, s.eps, s.momentum, s.affine, s.track_running_stats
-
-
-def _fk(s: Source) -> dict:
-    return {"device": s.device, "dtype": s.dtype}
-
-
-def _torch(s: Source, kw: dict) -> nn.Module:
-    """torch's BatchNorm{dim}d; BatchNorm1d (over flattened positions) when the rank is not
-    known or the channels are not at dim 1, for `torch_structure` to wrap."""
-    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(s.dim)
-    if cls is None or s.axis != 1:
-        cls = nn.BatchNorm1d
-    return cls(*_bn_args(s), **_fk(s))
-
-
 def torch_structure(bn: nn.Module, tail: list[nn.Module], s: Source) -> nn.Module:
     """The torch "torch" target: `bn` alone, nn.Sequential(bn, *tail), or, for any rank or a
     channel axis other than 1, a torch.fx.GraphModule (class name "ChannelsFirstBatchNorm")
@@ -140,92 +111,41 @@ def torch_structure(bn: nn.Module, tail: list[nn.Module], s: Source) -> nn.Modul
     return fx.GraphModule(root, g, class_name="ChannelsFirstBatchNorm").train(s.training)
 
 
-def _bnkit(s: Source, kw: dict) -> nn.Module:
-    cls = {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d, 3: bnn.BatchNorm3d}.get(s.dim)
-    if cls is not None and s.axis == 1:
-        return cls(*_bn_args(s), **_fk(s))
-    return bnn.BatchNorm(*_bn_args(s), axis=s.axis, **_fk(s))
-
-
-def _sync(s: Source, kw: dict) -> nn.Module:
-    from ..nn.sync import SyncBatchNorm
-
-    return SyncBatchNorm(*_bn_args(s), kw.get("process_group"), axis=s.axis, **_fk(s))
-
-
-def _frozen(s: Source, kw: dict) -> nn.Module:
-    frozen = bnn.FrozenBatchNorm(s.num_features, s.eps, axis=s.axis, **_fk(s))
-    frozen.momentum = s.momentum  # what unfreezing gives back
-    return frozen
-
-
-def _renorm(s: Source, kw: dict) -> nn.Module:
-    from ..nn.renorm import BatchRenorm
-
-    return BatchRenorm(*_bn_args(s), axis=s.axis, **kw, **_fk(s))
-
-
-def _ghost(s: Source, kw: dict) -> nn.Module:
-    from ..nn.ghost import GhostBatchNorm
-
-    return GhostBatchNorm(s.num_features, kw["virtual_batch_size"], *_bn_args(s)[1:],
-                          axis=s.axis, **_fk(s))
-
-
-def _group(s: Source, kw: dict) -> nn.Module:
-    return nn.GroupNorm(kw["num_groups"], s.num_features, s.eps, s.affine, **_fk(s))
-
-
-_FACTORIES = {"torch": _torch, "bnkit": _bnkit, "sync": _sync, "frozen": _frozen,
-              "renorm": _renorm, "ghost": _ghost, "group": _group}
-
-
-def _already(to: str, bn: nn.Module, kw: dict) -> bool:
+def _already(kind: NormKind, bn: nn.Module, kw: dict) -> bool:
     """The layer is already of the target kind (and no option asks for a change)."""
-    if kw:
-        return False
-    from ..nn.ghost import GhostBatchNorm
-    from ..nn.renorm import BatchRenorm
-
-    kinds = {"torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-             "bnkit": (bnn.BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d,
-                       bnn.BatchNormAct),
-             "frozen": (bnn.FrozenBatchNorm,), "renorm": (BatchRenorm,),
-             "ghost": (GhostBatchNorm,), "sync": (getattr(bnn, "SyncBatchNorm", None),),
-             "inplace_abn": (bnn.InPlaceABN, bnn.InPlaceABNSync)}
-    return type(bn) in kinds.get(to, ())
+    return not kw and type(bn) in kind.classes
 
 
-def _check_layer(to: str, name: str, bn: nn.Module, s: Source, kw: dict) -> None:
-    """Raise, naming the layer, when it cannot become a `to` layer."""
+def _check_layer(kind: str, to: str, name: str, bn: nn.Module, s: Source, kw: dict) -> None:
+    """Raise, naming the layer, when it cannot become a `kind` layer (`to`: the name the
+    caller used)."""
     where = f"layer '{name}' ({type(bn).__name__})" if name else f"the model ({type(bn).__name__})"
     if s.num_features < 1:
         raise ValueError(f"convert(to={to!r}): {where} has no num_features, weight or running "
                          "statistics to tell its number of channels; give it num_features")
-    if to == "frozen" and not has_running_stats(bn):
-        raise ValueError(f"convert(to='frozen'): {where} has no running statistics "
+    if kind == "frozen" and not has_running_stats(bn):
+        raise ValueError(f"convert(to={to!r}): {where} has no running statistics "
                          "(track_running_stats=False), so there is nothing to freeze; build it "
                          "with track_running_stats=True and run training batches first")
-    if to == "group" and s.axis != 1:
-        raise ValueError(f"convert(to='group'): {where} normalizes channels on axis {s.axis}, "
+    if kind == "groupnorm" and s.axis != 1:
+        raise ValueError(f"convert(to={to!r}): {where} normalizes channels on axis {s.axis}, "
                          "but GroupNorm needs channels on axis 1; permute the input to "
                          "(N, C, *) first, or convert to 'bnkit'")
-    if to == "group":
+    if kind == "groupnorm":
         g = kw["num_groups"]
         if s.num_features % g:
-            raise ValueError(f"convert(to='group'): {where} has {s.num_features} channels, not "
+            raise ValueError(f"convert(to={to!r}): {where} has {s.num_features} channels, not "
                              f"divisible by num_groups={g}; pass a num_groups that divides "
                              f"{s.num_features} (e.g. {default_num_groups(s.num_features)}), or "
                              "leave it out to pick one per layer")
 
 
 def _check_kwargs(to: str, kw: dict) -> None:
-    if to not in TARGETS:
-        raise ValueError(f"convert: unknown target {to!r}; expected one of "
-                         f"{', '.join(repr(t) for t in TARGETS)}")
-    unknown = sorted(set(kw) - _KWARGS[to])
+    kind = norm_kind(to, purpose="convert")
+    to = kind.name
+    unknown = sorted(set(kw) - kind.options)
     if unknown:
-        accepted = sorted(_KWARGS[to]) or "none"
+        accepted = sorted(kind.options) or "none"
         raise TypeError(f"convert(to={to!r}) got unknown keyword(s) {unknown}; accepted: "
                         f"{accepted}")
     if to == "ghost" and "virtual_batch_size" not in kw:
@@ -247,30 +167,31 @@ def convertible(module: nn.Module) -> bool:
 def build(to: str, name: str, bn: nn.Module, kw: dict) -> nn.Module | None:
     """The `to` layer equivalent to `bn` (None if `bn` already is one); a layer with an
     activation becomes the new layer followed by its drop and act modules."""
-    if _already(to, bn, kw):
+    kind = norm_kind(to, purpose="convert")
+    if _already(kind, bn, kw):
         return None
     s = describe(bn)
     kw = dict(kw)
-    if to == "group" and kw.get("num_groups") is None:
+    if kind.name == "groupnorm" and kw.get("num_groups") is None:
         kw["num_groups"] = default_num_groups(max(s.num_features, 1))
-    _check_layer(to, name, bn, s, kw)
+    _check_layer(kind.name, to, name, bn, s, kw)
     tail = dict(tail_modules(bn))
-    if to == "inplace_abn":
-        return _inplace_abn(bn, s, tail)
-    if to == "bnkit" and tail:
-        new = bnn.BatchNormAct(*_bn_args(s)[:1], tail.get("act", "identity"), *_bn_args(s)[1:],
-                               axis=s.axis, drop=tail.get("drop"), **_fk(s))
+    if kind.name == "inplace_abn":
+        return _inplace_abn(kind, bn, s, tail)
+    if kind.name == "batchnorm" and tail:
+        new = BatchNormAct(s.num_features, tail.get("act", "identity"), *s.bn_args()[1:],
+                           axis=s.axis, drop=tail.get("drop"), **s.factory_kwargs())
     else:
-        new = _FACTORIES[to](s, kw)
+        new = kind.from_bn(s, kw)
     copy_state(bn, new)
     if not s.has_bias and isinstance(getattr(new, "bias", None), nn.Parameter):
         new.register_parameter("bias", None)  # bias=False source: forward treats None as 0
     new.train(s.training)
-    if to == "torch":
+    if kind.name == "torch":
         new = torch_structure(new, list(tail.values()), s)
-    elif tail and to != "bnkit":
+    elif tail and kind.name != "batchnorm":
         new = nn.Sequential(new, *tail.values()).train(s.training)
-    if to == "frozen":
+    if kind.name == "frozen":
         object.__setattr__(new, UNFROZEN, bn)  # plain attribute: not a submodule, not saved
     return new
 
@@ -285,19 +206,18 @@ def invertible_act(act) -> tuple[str, float] | None:
     return None
 
 
-def _inplace_abn(bn: nn.Module, s: Source, tail: dict, act: nn.Module | None = None):
+def _inplace_abn(kind: NormKind, bn: nn.Module, s: Source, tail: dict,
+                 act: nn.Module | None = None):
     """An InPlaceABN (InPlaceABNSync for a SyncBatchNorm) for a BN whose activation (its
     `act` child, or `act`) is invertible and not preceded by a dropout; None (keep the
     layer) otherwise."""
     found = invertible_act(act if act is not None else tail.get("act"))
     if found is None or "drop" in tail:
         return None
-    sync = {}  # a synchronized source stays synchronized, over the same group
+    options = {"act": found[0], "act_param": found[1]}
     if isinstance(bn, nn.SyncBatchNorm) or type(bn).__name__ == "SyncBatchNorm":
-        sync["process_group"] = getattr(bn, "process_group", None)
-    cls = bnn.InPlaceABNSync if sync else bnn.InPlaceABN
-    new = cls(s.num_features, found[0], found[1], *_bn_args(s)[1:], axis=s.axis, **sync,
-              **_fk(s))
+        options["process_group"] = getattr(bn, "process_group", None)  # stays synchronized
+    new = kind.from_bn(s, options)
     copy_state(bn, new)
     if not s.has_bias:
         new.register_parameter("bias", None)
@@ -312,25 +232,26 @@ def _neighbours(model: nn.Module, to: str) -> list[tuple[nn.Sequential, int, nn.
     (InPlaceABN, nn.Identity), keeping the indices (and so the state-dict keys) of the other
     children; for "torch" and "bnkit", an InPlaceABN followed by nn.Identity (that form)
     becomes (<BN>, activation) again."""
+    target = norm_kind(to, purpose="convert").name
     out = []
     for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
         kids = list(seq)
         for i in range(len(kids) - 1):
             bn, nxt = kids[i], kids[i + 1]
-            if to == "inplace_abn" and convertible(bn) and not tail_modules(bn) and \
-                    not isinstance(bn, bnn.InPlaceABN):
-                new = _inplace_abn(bn, describe(bn), {}, nxt)
+            if target == "inplace_abn" and convertible(bn) and not tail_modules(bn) and \
+                    not isinstance(bn, InPlaceABN):
+                new = _inplace_abn(norm_kind(to), bn, describe(bn), {}, nxt)
                 if new is not None:
                     out.append((seq, i, new, nn.Identity()))
-            elif to in ("torch", "bnkit") and isinstance(bn, bnn.InPlaceABN) and \
+            elif target in ("torch", "batchnorm") and isinstance(bn, InPlaceABN) and \
                     type(nxt) is nn.Identity and not isinstance(bn.act, nn.Identity):
                 src = describe(bn)
-                plain = _bnkit(src, {})
+                plain = norm_kind("batchnorm").from_bn(src, {})
                 copy_state(bn, plain)
                 if bn.bias is None:
                     plain.register_parameter("bias", None)
                 plain.train(src.training)
-                if to == "torch":
+                if target == "torch":
                     plain = build(to, "", plain, {})
                 out.append((seq, i, plain, bn.act))
     return out
@@ -369,10 +290,12 @@ def convert(model: nn.Module, to: str, *, inplace: bool = True, **kwargs) -> nn.
 
     Args:
         model: any nn.Module (a BN layer itself too).
-        to: "torch", "bnkit", "sync" (process_group=None), "frozen", "renorm" (r_max=3.0,
-            d_max=5.0), "ghost" (virtual_batch_size, required) or "group" (num_groups: default
-            32 if it divides C, else the largest divisor of C below 32; GroupNorm gets only
-            weight and bias) or "inplace_abn".
+        to: a registry name or alias (`bnkit.nn.registry.convert_targets()`): "torch",
+            "batchnorm" ("bnkit"), "sync" (process_group=None), "frozen", "renorm"
+            (r_max=3.0, d_max=5.0), "ghost" (virtual_batch_size, required) or "groupnorm"
+            ("group"; num_groups: default 32 if it divides C, else the largest divisor of C
+            below 32; GroupNorm gets only weight and bias) or "inplace_abn"
+            ("iabn"; see above).
         inplace: replace the layers of `model` itself (default True); False works on a deep
             copy.
         **kwargs: the target's options above.

@@ -97,4 +97,4 @@ def _thaw(name: str, frozen: nn.Module) -> nn.Module:
         return new.train(bn.training)
     if hasattr(frozen, "to_batchnorm"):
         return frozen.to_batchnorm()
-    return build("bnkit", name, frozen, {})  # torchvision-style FrozenBatchNorm2d
+    return build("batchnorm", name, frozen, {})  # torchvision-style FrozenBatchNorm2d

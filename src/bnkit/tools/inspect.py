@@ -202,7 +202,7 @@ def inspect(model: nn.Module, data, *, num_batches: int | None = None,
     layers = dict(bn_layers(model))
     sampler = _Sampler(max_values)
     col = collect(model, data, layers, train=mode == "train", num_batches=num_batches,
-                  forward=forward, on_input=sampler, tool="inspect")
+                  forward=forward, progress=progress, on_input=sampler, tool="inspect")
     reports = []
     for name, bn in layers.items():
         keys = [k for k, (n, _) in col.where.items() if n == name] or [name]

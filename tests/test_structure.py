@@ -1,0 +1,232 @@
+"""The package's structure: no module reaches into another's private names, and the
+module-level imports inside src/bnkit form no cycle (dependencies point one way).
+
+Both are read from the source with `ast`, without importing anything.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "bnkit"
+
+# Files another change owns (the compiled-extension and benchmark rewrites); their remaining
+# offenders are expected to go when those changes are merged. Only they may be listed here.
+OWNED_ELSEWHERE = ("bnkit.kernels", "bnkit.functional.autograd", "bnkit.bench",
+                   "bnkit.bench_gpu", "bnkit.tools.fold_bench")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py" if name in MODULES else False
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _owned_elsewhere(module: str) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in OWNED_ELSEWHERE)
+
+
+def _base(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (relative levels resolved)."""
+    if not node.level:
+        return node.module or ""
+    package = module if _is_package(module) else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def _imports(module: str, tree: ast.Module):
+    """(node, target module, imported name or None, bound name) for every import in the
+    module's tree; target modules outside bnkit are skipped."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "bnkit" or alias.name.startswith("bnkit."):
+                    # `import bnkit.x as y` binds y to bnkit.x; `import bnkit.x` binds bnkit
+                    yield node, alias.name, None, alias.asname or "bnkit"
+        elif isinstance(node, ast.ImportFrom):
+            base = _base(module, node)
+            if base == "bnkit" or base.startswith("bnkit."):
+                for alias in node.names:
+                    yield node, base, alias.name, alias.asname or alias.name
+
+
+def _parse(module: str) -> ast.Module:
+    return ast.parse(MODULES[module].read_text(encoding="utf-8"), str(MODULES[module]))
+
+
+def private_uses(module: str) -> list[str]:
+    """Where `module` imports another bnkit module's private name, or reads `mod._name` from
+    a bnkit module it imported. A private submodule imported from its own package is allowed
+    (`from . import _run` inside bnkit.tools)."""
+    tree = _parse(module)
+    found, module_aliases = [], {}
+    own_package = module if _is_package(module) else module.rpartition(".")[0]
+    for node, target, name, bound in _imports(module, tree):
+        full = f"{target}.{name}" if name else target
+        if name is None or full in MODULES:  # the name is a module: track attribute reads
+            module_aliases[bound] = full if name or bound != "bnkit" else "bnkit"
+            if name and _private(name) and target != own_package:
+                found.append(f"{module}:{node.lineno} imports private module {full}")
+            continue
+        if _private(name) and target != module:
+            found.append(f"{module}:{node.lineno} imports {name} from {target}")
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        target = _module_of(node.value, module_aliases)
+        if target is None or (f"{target}.{node.attr}" in MODULES and target == own_package):
+            continue
+        found.append(f"{module}:{node.lineno} reads {ast.unparse(node)} ({target})")
+    return found
+
+
+def _module_of(node: ast.expr, module_aliases: dict[str, str]) -> str | None:
+    """The bnkit module an expression names (`F`, `bnkit.kernels`), or None."""
+    if isinstance(node, ast.Name):
+        return module_aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _module_of(node.value, module_aliases)
+        if base is not None and f"{base}.{node.attr}" in MODULES:
+            return f"{base}.{node.attr}"
+    return None
+
+
+def _module_level(tree: ast.Module):
+    """Import statements run when the module is imported: not inside a function, nor under
+    `if TYPE_CHECKING:`."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(child for child in ast.iter_child_nodes(node)
+                         if isinstance(child, ast.stmt) or hasattr(child, "body"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the bnkit modules its module-level imports name (a from-import of a
+    submodule counts as an edge to the submodule)."""
+    graph = {}
+    for module in MODULES:
+        tree = _parse(module)
+        edges = set()
+        for node in _module_level(tree):
+            for _, target, name, _ in _imports(module, ast.Module(body=[node], type_ignores=[])):
+                full = f"{target}.{name}" if name else target
+                edges.add(full if full in MODULES else target)
+        graph[module] = {e for e in edges if e in MODULES and e != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        path, iters = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while path:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                iters.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                iters.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def test_the_checks_see_what_they_should():
+    """The AST readers themselves, on known code: a private import, a private attribute read
+    and a two-module cycle are found; a dunder, an own private name and a function-level
+    import are not."""
+    assert "bnkit.nn.registry" in MODULES and _is_package("bnkit.nn")
+    node = ast.parse("from ..functional import _validate").body[0]
+    assert _base("bnkit.nn.ghost", node) == "bnkit.functional"
+    tree = ast.parse("def f():\n    import bnkit.lab\nif TYPE_CHECKING:\n    import bnkit.nn\n"
+                     "try:\n    from . import sync\nexcept ImportError:\n    pass\n")
+    assert [ast.unparse(n) for n in _module_level(tree)] == ["from . import sync"]
+    aliases = {"F": "bnkit.functional", "bnkit": "bnkit"}
+    assert _module_of(ast.parse("bnkit.kernels.cpu", mode="eval").body, aliases) \
+        == "bnkit.kernels.cpu"
+    assert _module_of(ast.parse("F.batch_norm", mode="eval").body, aliases) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    mine = [i for i in items if not _owned_elsewhere(i.split(":")[0])]
+    return mine, [i for i in items if _owned_elsewhere(i.split(":")[0])]
+
+
+def _all_private_uses() -> list[str]:
+    return [use for module in MODULES for use in private_uses(module)]
+
+
+def test_no_module_uses_another_modules_private_names():
+    mine, _ = _split(_all_private_uses())
+    assert not mine, "private names used across modules:\n" + "\n".join(mine)
+
+
+def _others_private_uses() -> list[str]:
+    return _split(_all_private_uses())[1]
+
+
+@pytest.mark.xfail(bool(_others_private_uses()), strict=False,
+                   reason="private imports left in files another change rewrites: "
+                          + ", ".join(sorted({u.split(":")[0] for u in _others_private_uses()})))
+def test_no_private_names_used_across_modules_in_the_files_being_rewritten():
+    others = _others_private_uses()
+    assert not others, "private names used across modules:\n" + "\n".join(others)
+
+
+def _cycle_outside(graph) -> list[str] | None:
+    return find_cycle({m: {e for e in edges if not _owned_elsewhere(e)}
+                       for m, edges in graph.items() if not _owned_elsewhere(m)})
+
+
+def test_no_import_cycle_among_modules():
+    cycle = _cycle_outside(import_graph())
+    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def _full_cycle():
+    return find_cycle(import_graph())
+
+
+@pytest.mark.xfail(_full_cycle() is not None and _cycle_outside(import_graph()) is None,
+                   strict=False,
+                   reason="import cycle through files another change rewrites: "
+                          + " -> ".join(_full_cycle() or []))
+def test_no_import_cycle_including_the_files_being_rewritten():
+    cycle = _full_cycle()
+    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
