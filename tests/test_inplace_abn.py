@@ -16,10 +16,11 @@ from torch import nn
 
 import bnkit
 from bnkit import kernels
+from bnkit.bench.memory import memory_report, resnet_style
 from bnkit.errors import BNShapeError, BNValueError
 from bnkit.functional.inplace_abn import inplace_abn
 from bnkit.nn import BatchNormAct, InPlaceABN, InPlaceABNSync, load_inplace_abn_state_dict
-from bnkit.tools.memory import memory_report, resnet_style, saved_tensor_bytes
+from bnkit.tools.memory import saved_tensor_bytes
 
 F = torch.nn.functional
 D = torch.float64

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..argtypes import check_threads
-from . import kernels, machine, models
+from . import kernels, machine, memory, models
 from .firstcall import first_call
 from .phases import PASSES, parse_shape
 from .report import format_first_call, format_models, format_table, format_vision_models
@@ -58,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MobileNetV2's width_mult (default 1.0)")
     parser.add_argument("--no-first-call", dest="first_call", action="store_false",
                         help="skip timing import and first BN call in a fresh process")
-    # a `--memory` section (bnkit.tools.memory) registers its option here and its entry
-    # in `sections` below
+    parser.add_argument("--memory", action="store_true",
+                        help="add the saved-for-backward bytes and step time of BN + LeakyReLU, "
+                             "BatchNormAct and InPlaceABN in a ResNet- and a MobileNet-style "
+                             "model (bnkit.bench.memory)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results")
 
 
@@ -85,7 +87,9 @@ def sections(args: argparse.Namespace, repeats: int) -> list[Section]:
             warmup=args.warmup, width_mult=args.model_width), format_vision_models))
     if args.first_call:
         out.append(Section("first_call", first_call, format_first_call))
-    # `--memory`: Section("memory", <bnkit.tools.memory's measurement>, <its table>) here
+    if args.memory:
+        out.append(Section("memory", lambda: memory.run_memory(steps=repeats),
+                           memory.format_memory))
     return out
 
 

@@ -11,11 +11,11 @@ from .convert import TARGETS, convert
 from .fold import BNLeafTracer, FoldReport, find_pairs, fold, fold_weights
 from .freeze import freeze, unfreeze
 from .inspect import InspectReport, LayerReport, inspect
-from .memory import memory_report, saved_tensor_bytes
+from .memory import saved_tensor_bytes
 from .recalibrate import recalibrate
 from .walk import bn_layers, is_bn, is_frozen_bn, replace_module, walk
 
 __all__ = ["TARGETS", "BNLeafTracer", "FoldReport", "InspectReport", "LayerReport", "Tent",
            "adapt", "bn_affine_params", "bn_layers", "convert", "entropy", "find_pairs", "fold",
-           "fold_weights", "freeze", "inspect", "is_bn", "is_frozen_bn", "memory_report",
+           "fold_weights", "freeze", "inspect", "is_bn", "is_frozen_bn",
            "recalibrate", "replace_module", "saved_tensor_bytes", "unfreeze", "walk"]

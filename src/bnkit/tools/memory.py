@@ -3,9 +3,8 @@
 `saved_tensor_bytes(fn, *args)` runs `fn` under `torch.autograd.graph.saved_tensors_hooks` and
 adds up the storages of every tensor autograd saves for the backward, each storage once
 (two saved views of one tensor, or a layer's output saved both by itself and by the next
-convolution, count once). `memory_report` builds one model per BN + activation variant
-from a factory and reports saved bytes and training-step time, the measurement of
-docs/layers/inplace_abn.md.
+convolution, count once). `bnkit.bench.memory` uses it to compare BN + activation
+variants (`bnkit bench --memory`, docs/layers/inplace_abn.md).
 
 Example:
     >>> w = torch.randn(4, 4, requires_grad=True)
@@ -15,16 +14,11 @@ Example:
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-__all__ = ["VARIANTS", "MemoryRow", "format_report", "memory_report", "mobilenet_style",
-           "resnet_style", "saved_tensor_bytes"]
+__all__ = ["saved_tensor_bytes"]
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -56,147 +50,3 @@ def saved_tensor_bytes(fn: Callable, *args, exclude: Iterable[torch.Tensor] = ()
         out = fn(*args, **kwargs)
     del out
     return sum(seen.values())
-
-
-# ----------------------------------------------------------------------------- variants
-def _torch_norm_act(c: int, act: str) -> nn.Module:
-    bn = nn.BatchNorm2d(c)
-    return nn.Sequential(bn, nn.LeakyReLU(0.01)) if act == "leaky_relu" else bn
-
-
-def _bnkit_norm_act(c: int, act: str) -> nn.Module:
-    from ..nn import BatchNormAct
-
-    return BatchNormAct(c, nn.LeakyReLU(0.01) if act == "leaky_relu" else "identity")
-
-
-def _iabn_norm_act(c: int, act: str) -> nn.Module:
-    from ..nn import InPlaceABN
-
-    return InPlaceABN(c, act, 0.01)
-
-
-def _torch_norm_act_inplace(c: int, act: str) -> nn.Module:
-    bn = nn.BatchNorm2d(c)
-    return nn.Sequential(bn, nn.LeakyReLU(0.01, inplace=True)) if act == "leaky_relu" else bn
-
-
-# name -> norm_act(channels, act) with act "leaky_relu" or "identity"
-VARIANTS: dict[str, Callable[[int, str], nn.Module]] = {
-    "torch BN + LeakyReLU": _torch_norm_act,
-    "torch BN + LeakyReLU_": _torch_norm_act_inplace,
-    "bnkit BatchNormAct": _bnkit_norm_act,
-    "InPlaceABN": _iabn_norm_act,
-}
-
-
-class _Basic(nn.Module):
-    """ResNet basic block: conv-norm-act, conv-norm, + shortcut, in-place LeakyReLU (the
-    torchvision idiom, in every variant)."""
-
-    def __init__(self, cin: int, cout: int, stride: int, norm_act) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = norm_act(cout, "leaky_relu")
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm_act(cout, "identity")
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       norm_act(cout, "identity"))
-        self.act = nn.LeakyReLU(0.01, inplace=True)
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(self.bn1(self.conv1(x))))
-        return self.act(y + (x if self.short is None else self.short(x)))
-
-
-def resnet_style(norm_act, width: int = 16, blocks: int = 2, num_classes: int = 10) -> nn.Module:
-    """A small CIFAR ResNet (3 stages of `blocks` basic blocks, widths w, 2w, 4w) whose BN
-    layers are `norm_act(C, act)` with act 'leaky_relu' or 'identity'."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                               norm_act(width, "leaky_relu")]
-    cin = width
-    for stage, cout in enumerate((width, 2 * width, 4 * width)):
-        for b in range(blocks):
-            layers.append(_Basic(cin, cout, 2 if stage and not b else 1, norm_act))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
-
-
-def mobilenet_style(norm_act, width: int = 16, num_classes: int = 10) -> nn.Module:
-    """A small MobileNet-v1 (depthwise 3x3 then pointwise 1x1, each followed by
-    `norm_act(C, 'leaky_relu')`)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                               norm_act(width, "leaky_relu")]
-    cin = width
-    for cout, stride in ((2 * width, 1), (4 * width, 2), (4 * width, 1), (8 * width, 2),
-                         (8 * width, 1)):
-        layers += [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
-                   norm_act(cin, "leaky_relu"), nn.Conv2d(cin, cout, 1, bias=False),
-                   norm_act(cout, "leaky_relu")]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
-
-
-@dataclass
-class MemoryRow:
-    """One variant's measurement: saved bytes (parameters excluded) and the median time of
-    a training step (forward, backward, SGD update) in seconds."""
-
-    variant: str
-    saved_bytes: int
-    step_s: float
-
-
-def _loss(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def memory_report(model_factory: Callable = resnet_style, variants: dict | None = None, *,
-                  batch: int = 32, image: int = 32, steps: int = 5, seed: int = 0,
-                  num_classes: int = 10) -> list[MemoryRow]:
-    """Saved bytes and step time of `model_factory(norm_act)` for each variant's norm_act.
-
-    Args:
-        model_factory: builds a model from `norm_act(C, act)`; `resnet_style` (default) or
-            `mobilenet_style`, or any factory with that argument (3-channel images in,
-            `num_classes` logits out).
-        variants: name -> norm_act; default `VARIANTS` (torch BN + LeakyReLU, the same with
-            LeakyReLU(inplace=True), bnkit BatchNormAct with a LeakyReLU module, InPlaceABN).
-        batch, image: the input batch (batch, 3, image, image). steps: timed steps (after one
-            warm-up), the median is reported. seed: same weights and data for every variant.
-    """
-    rows = []
-    for name, norm_act in (variants or VARIANTS).items():
-        torch.manual_seed(seed)
-        model = model_factory(norm_act).train()
-        x = torch.randn(batch, 3, image, image)
-        y = torch.randint(0, num_classes, (batch,))
-        saved = saved_tensor_bytes(_loss, model, x, y, exclude=model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        times = []
-        for i in range(steps + 1):
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            _loss(model, x, y).backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - start)
-        rows.append(MemoryRow(name, saved, statistics.median(times)))
-    return rows
-
-
-def format_report(rows: list[MemoryRow], title: str = "") -> str:
-    """A text table: saved MiB, ratio to the first row, step ms, ratio to the first row."""
-    base = rows[0]
-    lines = [title] if title else []
-    lines.append(f"{'variant':<24}{'saved MiB':>11}{'vs first':>10}{'step ms':>10}"
-                 f"{'vs first':>10}")
-    for r in rows:
-        lines.append(f"{r.variant:<24}{r.saved_bytes / 2**20:>11.2f}"
-                     f"{r.saved_bytes / base.saved_bytes:>10.3f}{r.step_s * 1e3:>10.1f}"
-                     f"{r.step_s / base.step_s:>10.3f}")
-    return "\n".join(lines)
