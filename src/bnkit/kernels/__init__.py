@@ -26,7 +26,7 @@ from . import reference
 
 _KNOWN = ("reference", "cpu", "triton")
 _AUTO_ORDER = ("triton", "cpu")
-_EXTRAS = {"cpu": "bnkit[fast] (numba)", "triton": "bnkit[gpu] (triton and a CUDA GPU)"}
+_EXTRAS = {"cpu": "bnkit built with its C++ extension bnkit._C (a C++ compiler at install time)", "triton": "bnkit[gpu] (triton and a CUDA GPU)"}
 _loaded: dict[str, object] = {"reference": reference}
 _why: dict[str, str] = {}  # why a backend is unavailable
 _current: str | None = None  # None until BNKIT_BACKEND is read (first use)
@@ -110,20 +110,20 @@ def backend_status() -> dict[str, str]:
     return out
 
 
-_native = False  # the `native` module when its op is built; False: not looked up yet
+_native = False  # the `native` module when the node is on; None: off; False: not looked up yet
 
 
 def use_native(flag: bool) -> None:
-    """Turn the native C++ autograd op on (looked up again at the next call) or off for
-    this process, e.g. to compare it with the Python autograd.Function path."""
+    """Turn the C++ autograd node on (looked up again at the next call) or off for this
+    process, e.g. to compare it with the Python autograd.Function path."""
     global _native
     _native = False if flag else None
 
 
 def native_module():
-    """The `native` module (`native.plan`, `native.call`) when the selected backend is
-    'auto' or 'cpu' and the native C++ autograd op is built (building it on first use),
-    else None. See bnkit.kernels.native."""
+    """The `native` module (`native.call`) when the selected backend is 'auto' or 'cpu'
+    and the 'cpu' backend (bnkit._C, which holds the C++ autograd node) is available and
+    the node is not turned off (`use_native`), else None. See bnkit.kernels.native."""
     global _native
     if (_current or get_backend()) not in ("auto", "cpu"):
         return None
@@ -131,5 +131,5 @@ def native_module():
         _native = None
         if _load("cpu") is not None:
             from . import native
-            _native = native if native.op() is not None else None
+            _native = native
     return _native
