@@ -58,8 +58,8 @@ class OptionalBuildExt(build_ext):
 
 def _extension():
     """(extensions, build_ext command class), empty when torch cannot be imported."""
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
     import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     cflags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno"]
     ldflags = []
