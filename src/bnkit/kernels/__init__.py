@@ -1,8 +1,10 @@
 """Backends behind one dispatch.
 
-A backend is a module with `NAME`, `available()`, `supports(x, axis, mask)`, `status()` and
-the primitives of the core with the reference signatures: `batch_stats`, `normalize`,
-`backward_reduce`, `backward_elemt`, `act_backward`. The custom ops in
+A backend is a module that meets `contract.Backend`: `NAME`, `available()`,
+`supports(x, axis, mask)`, `status()` and the primitives of the core with the reference
+signatures (`batch_stats`, `normalize`, `backward_reduce`, `backward_elemt`,
+`act_backward`), optionally the one-call `fused_forward` / `fused_backward_op`. Every
+backend is listed once, in `BACKENDS` below. The custom ops in
 `bnkit.functional.autograd` ask `select(x, axis, mask)` for the module, once per call.
 
 Choosing: `bnkit.set_backend(name)` or the `BNKIT_BACKEND` environment variable (read on
@@ -24,9 +26,17 @@ import os
 
 from . import reference
 
-_KNOWN = ("reference", "cpu", "triton")
-_AUTO_ORDER = ("triton", "cpu")
-_EXTRAS = {"cpu": "bnkit built with its C++ extension bnkit._C (a C++ compiler at install time)", "triton": "bnkit[gpu] (triton and a CUDA GPU)"}
+# The registration table: name -> (what to install when it is unavailable, its place in
+# 'auto''s order, fastest first; None: never picked by 'auto'). Module: bnkit.kernels.<name>.
+BACKENDS = {
+    "reference": ("nothing (always available)", None),
+    "cpu": ("bnkit built with its C++ extension bnkit._C (a C++ compiler at install time)", 1),
+    "triton": ("bnkit[gpu] (triton and a CUDA GPU)", 0),
+}
+_KNOWN = tuple(BACKENDS)
+_AUTO_ORDER = tuple(sorted((n for n in BACKENDS if BACKENDS[n][1] is not None),
+                           key=lambda n: BACKENDS[n][1]))
+_EXTRAS = {n: hint for n, (hint, _) in BACKENDS.items()}
 _loaded: dict[str, object] = {"reference": reference}
 _why: dict[str, str] = {}  # why a backend is unavailable
 _current: str | None = None  # None until BNKIT_BACKEND is read (first use)
