@@ -19,13 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NOTE = "_C.unbuilt"  # in the package: why bnkit._C is missing
 
 
-def _note_path(cmd) -> str:
-    base = os.path.join(HERE, "src") if cmd.inplace else cmd.build_lib
+def _note_path(cmd, inplace) -> str:
+    base = os.path.join(HERE, "src") if inplace else cmd.build_lib
     return os.path.join(base, "bnkit", NOTE)
 
 
-def _write_note(cmd, why: str) -> None:
-    path = _note_path(cmd)
+def _write_note(cmd, inplace, why: str) -> None:
+    path = _note_path(cmd, inplace)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(why + "\n")
@@ -37,20 +37,22 @@ class OptionalBuildExt(build_ext):
     """build_ext whose failure leaves a working pure-Python package behind."""
 
     def run(self):
+        inplace = self.inplace  # setuptools clears it while building
         if os.environ.get("BNKIT_BUILD_EXT", "1").strip() == "0":
-            _write_note(self, "not built: BNKIT_BUILD_EXT=0 at install time")
+            _write_note(self, inplace, "not built: BNKIT_BUILD_EXT=0 at install time")
             return
         if not self.extensions:
-            _write_note(self, f"not built: torch was not importable at install time ({_TORCH_ERR})")
+            _write_note(self, inplace, "not built: torch was not importable at install "
+                        f"time ({_TORCH_ERR})")
             return
         try:
             super().run()
         except Exception as err:  # noqa: BLE001 - any compiler failure: install without it
-            _write_note(self, f"the build failed: {type(err).__name__}: {err}"[:400])
+            _write_note(self, inplace, f"the build failed: {type(err).__name__}: {err}"[:400])
             return
-        path = _note_path(self)
-        if os.path.exists(path):
-            os.remove(path)
+        for path in (_note_path(self, inplace), _note_path(self, False)):
+            if os.path.exists(path):
+                os.remove(path)
 
     def get_outputs(self):  # only what was really built
         return [p for p in super().get_outputs() if os.path.exists(p)]
