@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -58,12 +59,27 @@ class OptionalBuildExt(build_ext):
         return [p for p in super().get_outputs() if os.path.exists(p)]
 
 
+def _arch_flags() -> list[str]:
+    """-DBNKIT_AVX2 (the kernel files then target AVX2) when building on an x86-64 CPU that
+    has it, unless BNKIT_BUILD_ARCH=generic; the module refuses to import on a CPU without
+    it (a wheel built here needs AVX2: x86-64-v3)."""
+    if os.environ.get("BNKIT_BUILD_ARCH", "auto").strip() == "generic":
+        return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            return ["-DBNKIT_AVX2"] if " avx2" in f.read() else []
+    except OSError:
+        return []
+
+
 def _extension():
     """(extensions, build_ext command class), empty when torch cannot be imported."""
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cflags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno"]
+    cflags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", *_arch_flags()]
     ldflags = []
     if "OpenMP" in torch.__config__.parallel_info():  # at::parallel_for is OpenMP inline
         cflags.append("-fopenmp")

@@ -4,21 +4,41 @@
 
 #include "kernels.h"
 
+#ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
+#pragma GCC target("avx2")
+#endif
+#include "simd.h"  // after the target: its vectors are AVX2 ones there
+
 namespace bnkit {
 namespace {
 
 constexpr int LANES = 8;
 
 template <class T>
-void row_sums(const T* dy, const T* x, I n, double m, double& s, double& q) {
+void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, double& s,
+              double& q) {
   double as[LANES] = {0}, aq[LANES] = {0};
   I i = 0;
+#ifdef BNKIT_VECTOR_EXT
+  const f64x4 mv = splat4(m);
+  f64x4 s0 = splat4(0), s1 = splat4(0), q0 = splat4(0), q1 = splat4(0);
+  for (; i + LANES <= n; i += LANES) {
+    const f64x4 g0 = load4(dy + i), g1 = load4(dy + i + 4);
+    s0 += g0;
+    s1 += g1;
+    q0 += g0 * (load4(x + i) - mv);
+    q1 += g1 * (load4(x + i + 4) - mv);
+  }
+  store8(s0, s1, as);
+  store8(q0, q1, aq);
+#else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) {
       const double g = static_cast<double>(dy[i + l]);
       as[l] += g;
       aq[l] += g * (static_cast<double>(x[i + l]) - m);
     }
+#endif
   double ss = 0, sq = 0;
   for (; i < n; ++i) {
     const double g = static_cast<double>(dy[i]);
@@ -70,8 +90,8 @@ void cl_sums(const T* dy, const T* x, const View& v, I threads, const double* me
   const I P = ceil_div(M, rows);
   std::vector<double> ps(P * C, 0.0), pq(P * C, 0.0);
   run_tasks(P, threads, [&](I j) {
-    double* s = &ps[j * C];
-    double* q = &pq[j * C];
+    double* __restrict__ s = &ps[j * C];
+    double* __restrict__ q = &pq[j * C];
     for (I m = j * rows; m < std::min(M, (j + 1) * rows); ++m) {
       const T* dyr = dy + m * C;
       const T* xr = x + m * C;

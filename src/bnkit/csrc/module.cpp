@@ -7,4 +7,15 @@ static struct PyModuleDef bnkit_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                             "bnkit's compiled CPU operators (torch.ops.bnkit_cpu)",
                                             -1, nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&bnkit_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+#ifdef BNKIT_AVX2  // the kernels were compiled for AVX2 (setup.py saw it on the build machine)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2")) {
+    PyErr_SetString(PyExc_ImportError,
+                    "bnkit._C was built for CPUs with AVX2 and this CPU lacks it; reinstall "
+                    "bnkit here with BNKIT_BUILD_ARCH=generic");
+    return nullptr;
+  }
+#endif
+  return PyModule_Create(&bnkit_c_module);
+}

@@ -2,6 +2,10 @@
 // with the coefficients of bnkit.functional.normalize.affine_coeffs (see kernels.h).
 #include "kernels.h"
 
+#ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
+#pragma GCC target("avx2")
+#endif
+
 namespace bnkit {
 namespace {
 

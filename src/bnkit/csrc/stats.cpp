@@ -5,17 +5,31 @@
 
 #include "kernels.h"
 
+#ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
+#pragma GCC target("avx2")
+#endif
+#include "simd.h"  // after the target: its vectors are AVX2 ones there
+
 namespace bnkit {
 namespace {
 
 constexpr int LANES = 8;
 
 template <class T>
-double sum_of(const T* x, I n) {
+double sum_of(const T* __restrict__ x, I n) {
   double acc[LANES] = {0};
   I i = 0;
+#ifdef BNKIT_VECTOR_EXT
+  f64x4 a0 = splat4(0), a1 = splat4(0);
+  for (; i + LANES <= n; i += LANES) {
+    a0 += load4(x + i);
+    a1 += load4(x + i + 4);
+  }
+  store8(a0, a1, acc);
+#else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) acc[l] += static_cast<double>(x[i + l]);
+#endif
   double s = 0;
   for (; i < n; ++i) s += static_cast<double>(x[i]);
   for (int l = 0; l < LANES; ++l) s += acc[l];
@@ -24,15 +38,29 @@ double sum_of(const T* x, I n) {
 
 // (sum (x - m)^2, sum (x - m)): the second corrects a rounded mean.
 template <class T>
-void sqdev(const T* x, I n, double m, double& q, double& r) {
+void sqdev(const T* __restrict__ x, I n, double m, double& q, double& r) {
   double aq[LANES] = {0}, ar[LANES] = {0};
   I i = 0;
+#ifdef BNKIT_VECTOR_EXT
+  const f64x4 mv = splat4(m);
+  f64x4 q0 = splat4(0), q1 = splat4(0), r0 = splat4(0), r1 = splat4(0);
+  for (; i + LANES <= n; i += LANES) {
+    const f64x4 d0 = load4(x + i) - mv, d1 = load4(x + i + 4) - mv;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+    r0 += d0;
+    r1 += d1;
+  }
+  store8(q0, q1, aq);
+  store8(r0, r1, ar);
+#else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) {
       const double d = static_cast<double>(x[i + l]) - m;
       aq[l] += d * d;
       ar[l] += d;
     }
+#endif
   double sq = 0, sr = 0;
   for (; i < n; ++i) {
     const double d = static_cast<double>(x[i]) - m;
@@ -108,7 +136,8 @@ void cf_stats(const T* x, const View& v, I threads, double* mean, double* var) {
 // (shift - mean)^2 <= M2 and the cancellation costs at most ~n^2 float64 ulps of M2: below
 // 2e-9 relative for n <= SHIFT_ROWS, far under float32's resolution (float input only).
 template <class T>
-void cl_shifted(const T* x, I m0, I m1, I C, double* mean, double* m2, double* s) {
+void cl_shifted(const T* __restrict__ x, I m0, I m1, I C, double* __restrict__ mean,
+                double* __restrict__ m2, double* __restrict__ s) {
   for (I c = 0; c < C; ++c) mean[c] = static_cast<double>(x[m0 * C + c]);
   for (I m = m0 + 1; m < m1; ++m) {
     const T* xr = x + m * C;
@@ -123,7 +152,8 @@ void cl_shifted(const T* x, I m0, I m1, I C, double* mean, double* m2, double* s
 
 // Two passes over rows [m0, m1) of (M, C) (the second reads the chunk from L2).
 template <class T>
-void cl_two_pass(const T* x, I m0, I m1, I C, double* mean, double* m2, double* s) {
+void cl_two_pass(const T* __restrict__ x, I m0, I m1, I C, double* __restrict__ mean,
+                 double* __restrict__ m2, double* __restrict__ s) {
   for (I m = m0; m < m1; ++m)
     for (I c = 0; c < C; ++c) mean[c] += static_cast<double>(x[m * C + c]);
   for (I c = 0; c < C; ++c) mean[c] /= static_cast<double>(m1 - m0);
