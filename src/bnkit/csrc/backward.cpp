@@ -206,6 +206,51 @@ void backward_elemt(const T* dy, const T* x, T* dx, const View& v, I threads, co
   });
 }
 
+template <class T>
+void fused_backward(const T* dy, const T* x, T* dx, const View& v, I threads, const double* mean,
+                    const double* invstd, const double* w, double n, const T* gmh,
+                    const T* gsc, const T* gsh, double* sum_dy, double* sum_dy_xmu) {
+  run_tasks(v.C, threads, [&](I c) {
+    const I step = v.C * v.inner;
+    double s = 0, q = 0;
+    if (gmh == nullptr) {
+      for (I o = 0; o < v.outer; ++o) {
+        const I i0 = (o * v.C + c) * v.inner;
+        row_sums(dy + i0, x + i0, v.inner, mean[c], s, q);
+      }
+    } else {  // dz = dy relu'(z), formed in T as the relu backward forms it
+      const T m = gmh[c], a = gsc[c], h = gsh[c];
+      for (I o = 0; o < v.outer; ++o) {
+        const I i0 = (o * v.C + c) * v.inner;
+        for (I j = 0; j < v.inner; ++j) {
+          const T g = dy[i0 + j] * ((x[i0 + j] - m) * a + h > T(0) ? T(1) : T(0));
+          s += static_cast<double>(g);
+          q += static_cast<double>(g) * (static_cast<double>(x[i0 + j]) - mean[c]);
+        }
+      }
+    }
+    sum_dy[c] = s;
+    sum_dy_xmu[c] = q;
+    T mh, a, k, cc;
+    elemt_coeffs(mean + c, invstd + c, w ? w + c : nullptr, &s, &q, n, true, 1, &mh, &a, &k, &cc);
+    for (I o = 0; o < v.outer; ++o) {
+      const I i0 = o * step + c * v.inner;
+      const T* __restrict__ dyr = dy + i0;
+      const T* __restrict__ xr = x + i0;
+      T* __restrict__ dxr = dx + i0;
+      if (gmh == nullptr) {
+        for (I j = 0; j < v.inner; ++j) dxr[j] = (cc + (xr[j] - mh) * k) + dyr[j] * a;
+      } else {
+        const T gm = gmh[c], ga = gsc[c], gh = gsh[c];
+        for (I j = 0; j < v.inner; ++j) {
+          const T g = dyr[j] * ((xr[j] - gm) * ga + gh > T(0) ? T(1) : T(0));
+          dxr[j] = (cc + (xr[j] - mh) * k) + g * a;
+        }
+      }
+    }
+  });
+}
+
 #define BNKIT_INSTANTIATE(T)                                                                    \
   template void dy_sums<T>(const T*, const T*, const View&, I, const double*, double*, double*); \
   template void relu_grad<T>(const T*, const T*, T*, const View&, I, const T*, const T*,       \
@@ -213,7 +258,10 @@ void backward_elemt(const T* dy, const T* x, T* dx, const View& v, I threads, co
   template void elemt_coeffs<T>(const double*, const double*, const double*, const double*,     \
                                 const double*, double, bool, I, T*, T*, T*, T*);                \
   template void backward_elemt<T>(const T*, const T*, T*, const View&, I, const T*, const T*,  \
-                                  const T*, const T*, bool);
+                                  const T*, const T*, bool);                                    \
+  template void fused_backward<T>(const T*, const T*, T*, const View&, I, const double*,       \
+                                  const double*, const double*, double, const T*, const T*,    \
+                                  const T*, double*, double*);
 BNKIT_INSTANTIATE(float)
 BNKIT_INSTANTIATE(double)
 #undef BNKIT_INSTANTIATE

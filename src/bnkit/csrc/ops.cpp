@@ -57,6 +57,15 @@ struct Coeffs {
   explicit Coeffs(I C) : a(C), b(C), c(C), d(C) {}
 };
 
+constexpr I FUSE_BYTES = 8 << 20;  // a channel's dy + x up to this stays in cache
+
+// The per-channel fused backward pays on a channels-first view whose channels balance
+// over the threads and whose per-channel dy + x stay cached between its two passes.
+bool fusable(const View& v, I threads, size_t itemsize) {
+  return v.inner > 1 && 2 * v.outer * v.inner * static_cast<I>(itemsize) <= FUSE_BYTES &&
+         (threads == 1 || v.C % threads == 0 || v.C >= 8 * threads);
+}
+
 void check_input(const Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "bnkit_cpu: dense float32/float64 CPU input expected, got ", x.scalar_type(), " on ",
@@ -252,13 +261,20 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy_, const Tensor& x, 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnkit_backward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* g = dy.const_data_ptr<scalar_t>();
-    Tensor dz;
-    if (relu) {  // dz = dy relu'(z), z recomputed
-      dz = at::empty_like(dx);
-      Coeffs<scalar_t> k(v.C);
+    Coeffs<scalar_t> f(relu ? v.C : 0);  // relu: the forward's coefficients, z recomputed
+    if (relu)
       affine_coeffs(mean.const_data_ptr<double>(), invstd.data(), ptr(wd), ptr(bd), v.C,
-                    k.a.data(), k.b.data(), k.c.data());
-      relu_grad(g, xp, dz.data_ptr<scalar_t>(), v, threads, k.a.data(), k.b.data(), k.c.data());
+                    f.a.data(), f.b.data(), f.c.data());
+    if (training && fusable(v, threads, sizeof(scalar_t))) {
+      fused_backward(g, xp, dx.data_ptr<scalar_t>(), v, threads, mean.const_data_ptr<double>(),
+                     invstd.data(), ptr(wd), count, relu ? f.a.data() : nullptr,
+                     relu ? f.b.data() : nullptr, relu ? f.c.data() : nullptr, s, s + v.C);
+      return;
+    }
+    Tensor dz;
+    if (relu) {  // dz = dy relu'(z)
+      dz = at::empty_like(dx);
+      relu_grad(g, xp, dz.data_ptr<scalar_t>(), v, threads, f.a.data(), f.b.data(), f.c.data());
       g = dz.const_data_ptr<scalar_t>();
     }
     dy_sums(g, xp, v, threads, mean.const_data_ptr<double>(), s, s + v.C);
