@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC) | $(BIN)/python
 # Triton (about 1 GB), the GPU backend. `make test` always installs it, so the GPU kernels
 # are tested in Triton's interpreter on any machine; `make demo` only where a GPU is present.
 $(GPU): $(STAMP)
-	-$(BIN)/pip install -q -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
+	-$(BIN)/pip install -q --no-build-isolation -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
 	touch $(GPU)
 
 setup: $(STAMP)
