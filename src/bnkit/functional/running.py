@@ -8,8 +8,8 @@ Unlike torch, a channel whose batch statistics are not finite (NaN or Inf in its
 keeps its running statistics, and a RuntimeWarning says so, once per running buffer
 (`warn_nonfinite`); one bad batch would otherwise poison them for good, silently. Every
 path applies this rule: here, and in the cpu backend's in-kernel blend
-(`blend_running` in src/bnkit/csrc/running.cpp, which the C++ node runs too). num_batches_tracked still
-advances, as torch counts every training call.
+(`blend_running` in src/bnkit/csrc/running.cpp, which the C++ node runs too).
+num_batches_tracked still advances, as torch counts every training call.
 """
 from __future__ import annotations
 
