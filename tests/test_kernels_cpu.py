@@ -271,3 +271,18 @@ def test_bench_formula_matches_torch(training):
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     want = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
     close(formula_bn(x, rm, rv, w, b, training), want, torch.float64)
+
+
+def test_meta_kernels_give_shapes_and_dtypes():
+    """The compiled operators trace: on meta tensors they return outputs of the right
+    shapes, dtypes and memory format without touching data."""
+    ops = torch.ops.bnkit_cpu
+    x = torch.empty(4, 3, 5, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    w = torch.empty(3, device="meta", dtype=torch.float64)
+    y, mean, var, skipped = ops.forward(x, w, None, None, None, True, 1e-5, 1, True, None)
+    assert y.shape == x.shape and y.stride() == x.stride() and y.device.type == "meta"
+    assert mean.shape == var.shape == (3,) and mean.dtype == torch.float64 and skipped == 0
+    dx, dw, db = ops.backward(x, x, w, None, mean, var, 100.0, True, 1e-5, 1, False)
+    assert dx.shape == x.shape and dw.shape == db.shape == (3,) and dw.dtype == torch.float64
+    m, v = ops.batch_stats(x, 1)
+    assert m.shape == (3,) and ops.normalize(x, m, v, None, None, 1, False).shape == x.shape
