@@ -26,6 +26,11 @@ def _note_path(cmd, inplace) -> str:
 
 
 def _write_note(cmd, inplace, why: str) -> None:
+    for ext in cmd.extensions:  # a library left in build/ by an earlier build must not ship
+        stale = os.path.join(cmd.build_lib, *ext.name.split(".")[:-1],
+                             os.path.basename(cmd.get_ext_filename(ext.name)))
+        if os.path.exists(stale):
+            os.remove(stale)
     path = _note_path(cmd, inplace)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
