@@ -13,16 +13,20 @@ $(BIN)/python:
 
 # torch is pinned here first: on these machines torch==2.13.0 is a CPU build on local disk,
 # while an unpinned torch would pull a multi-GB CUDA build. The package itself says torch>=2.3.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
+# The C++ extension bnkit._C is compiled here, against that torch (--no-build-isolation),
+# and again whenever a source under src/bnkit/csrc changes.
+CSRC    := $(wildcard src/bnkit/csrc/*.cpp src/bnkit/csrc/*.h)
+
+$(STAMP): pyproject.toml setup.py $(CSRC) | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip setuptools
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lab,fast]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev,lab]'
 	touch $(STAMP)
 
 # Triton (about 1 GB), the GPU backend. `make test` always installs it, so the GPU kernels
 # are tested in Triton's interpreter on any machine; `make demo` only where a GPU is present.
 $(GPU): $(STAMP)
-	-$(BIN)/pip install -q -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
+	-$(BIN)/pip install -q --no-build-isolation -e '.[gpu]' || echo "note: no Triton wheel for this platform; GPU kernels untested here"
 	touch $(GPU)
 
 setup: $(STAMP)
@@ -51,4 +55,4 @@ lint: setup
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/bnkit/_C*.so src/bnkit/_C.unbuilt

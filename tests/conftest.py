@@ -37,7 +37,7 @@ def one_thread():
 @pytest.fixture
 def python_ops(monkeypatch):
     """Layer calls on the 'cpu' backend take the Python autograd.Function path, not the
-    native C++ node (as when the native op is off or cannot be built)."""
+    C++ node (as with kernels.use_native(False))."""
     from bnkit import kernels
     monkeypatch.setattr(kernels, "_native", None)
 
@@ -54,7 +54,7 @@ def bn_path(request, monkeypatch):
     from bnkit import kernels
     name = request.param
     if name != "reference" and "cpu" not in bnkit.available_backends():
-        pytest.skip("the cpu backend needs numba")
+        pytest.skip("the cpu backend needs the C++ extension bnkit._C")
     before = bnkit.get_backend()
     bnkit.set_backend("reference" if name == "reference" else "cpu")
     if name == "cpu-python":

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def reference_backend():
-    """The models on the reference backend: the numba kernels have their own tests."""
+    """The models on the reference backend: the compiled kernels have their own tests."""
     previous = bnkit.get_backend()
     bnkit.set_backend("reference")
     yield

@@ -437,3 +437,67 @@ def test_running_buffers_that_require_grad_are_refused(bn1d, training):
                  "requires_grad_(False)",
                  torch_call=lambda: TF.batch_norm(x, torch.zeros(3), torch.ones(
                      3, requires_grad=True), training=training))
+
+
+# ------------------------------------------------------------------ one answer per backend and dtype
+
+def _error_table(dtype):
+    """{name: call(x, rm, rv)} of bad functional calls, over x (8, 3) of `dtype` and float32
+    buffers (float64 for float64 input)."""
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return {
+        "channels": lambda x, rm, rv: BF.batch_norm(x, rm[:2], rv[:2], training=True),
+        "momentum-eval": lambda x, rm, rv: BF.batch_norm(x, rm, rv, momentum=-1.2),
+        "momentum-none-eval": lambda x, rm, rv: BF.batch_norm(x, rm, rv, momentum=None),
+        "momentum-train": lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, momentum=2.0),
+        "eps": lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, eps=-1.0),
+        "training": lambda x, rm, rv: BF.batch_norm(x, rm, rv, None, None, "yes"),
+        "axis": lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, axis=2),
+        "eval-no-stats": lambda x, rm, rv: BF.batch_norm(x, None, None),
+        "mean-only": lambda x, rm, rv: BF.batch_norm(x, rm, None, training=True),
+        "act": lambda x, rm, rv: BF.batch_norm(x, rm, rv, training=True, act="tanh"),
+        "one-value": lambda x, rm, rv: BF.batch_norm(x[:1], rm, rv, training=True),
+        "weight-dtype": lambda x, rm, rv: BF.batch_norm(x, rm, rv, torch.ones(3, dtype=torch.int64),
+                                                        training=True),
+        "grad-buffer": lambda x, rm, rv: BF.batch_norm(x, rm, rv.clone().requires_grad_(),
+                                                       training=True),
+        "expanded-buffer": lambda x, rm, rv: BF.batch_norm(x, rm, torch.ones(1, dtype=pdt).expand(3),
+                                                           training=True),
+    }, pdt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_error_table_is_identical_on_every_backend_and_dtype(dtype, monkeypatch):
+    """Each bad call raises the same error type and message on every available backend
+    path (reference, the cpu backend's Python path, the C++ node) and leaves the buffers
+    bit-identical; and the same message for float32, float64 and bfloat16 input (was: the
+    native node returned a result for some calls in float32/float64)."""
+    import bnkit
+    from bnkit import kernels
+
+    paths = ["reference"] + (["cpu-python", "cpu-native"] if "cpu" in bnkit.available_backends()
+                             else [])
+    before = bnkit.get_backend()
+    seen = {}
+    try:
+        for p in paths:
+            bnkit.set_backend("reference" if p == "reference" else "cpu")
+            monkeypatch.setattr(kernels, "_native", None if p == "cpu-python" else False)
+            table, pdt = _error_table(dtype)
+            for name, call in table.items():
+                x = torch.randn(8, 3, dtype=torch.float64).to(dtype)
+                rm, rv = torch.full((3,), 0.5, dtype=pdt), torch.full((3,), 2.0, dtype=pdt)
+                with pytest.raises(BatchNormError) as info:
+                    call(x, rm, rv)
+                assert torch.equal(rm, torch.full((3,), 0.5, dtype=pdt)), (p, name)
+                assert torch.equal(rv, torch.full((3,), 2.0, dtype=pdt)), (p, name)
+                got = (type(info.value), str(info.value).replace(str(dtype), "DTYPE"))
+                assert seen.setdefault(name, got) == got, (p, name, got, seen[name])
+    finally:
+        bnkit.set_backend(before)
+    _DTYPE_ANSWERS.setdefault(dtype, seen)
+    for other in _DTYPE_ANSWERS.values():  # the same answers whatever the input dtype
+        assert {k: v[0] for k, v in other.items()} == {k: v[0] for k, v in seen.items()}
+
+
+_DTYPE_ANSWERS: dict = {}

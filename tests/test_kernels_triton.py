@@ -1,4 +1,5 @@
 """The Triton backend against the reference backend, and the GPU bench's CPU-testable logic.
+The checks every backend passes run in tests/test_kernels.py too (here in the child).
 
 Kernel tests run on CUDA when present ('cuda' ids), and always under Triton's interpreter on
 small CPU tensors ('interp' ids). The interpreter is chosen when the kernels are defined, and
@@ -301,12 +302,14 @@ def test_interpreter_suite():
     """Run every 'interp' test in a child process with the interpreter enabled."""
     env = {k: v for k, v in os.environ.items() if k != "BNKIT_BACKEND"}
     env.update(TRITON_INTERPRET="1", BNKIT_TRITON_ON_CPU="1", BNKIT_TRITON_CHILD="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "interp", "-p",
-           "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         check=False)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "failed" not in res.stdout
+    conformance = str(ROOT / "tests" / "test_kernels.py")  # the suite every backend passes
+    for path, key in ((__file__, "interp"), (conformance, "triton")):
+        cmd = [sys.executable, "-m", "pytest", path, "-q", "-k", key, "-p",
+               "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=900, check=False)
+        assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+        assert " passed" in res.stdout and "failed" not in res.stdout
 
 
 _COMPILE = [  # (kernel, pointer dtypes, constexprs): one per kernel, the widest options

@@ -30,7 +30,7 @@ def full_run(tiny_idx_dir, tmp_path_factory, reference_backend):
     from bnkit.bench import backends
 
     saved = backends.cpu_backends
-    backends.cpu_backends = lambda: ["reference"]  # the bench's numba variant compiles for seconds
+    backends.cpu_backends = lambda: ["reference"]  # the reference backend alone keeps the kernels experiment short
     try:
         cfg = config.resolve(None, "mini", data=str(tiny_idx_dir))
         result = runner.run_lab(cfg, tmp_path_factory.mktemp("lab") / "run", progress=False,

@@ -77,7 +77,7 @@ def _status(run_dir: Path) -> str:
 
 
 def _lab(tiny_idx_dir, out: Path, jobs: int = 2) -> list[str]:
-    # the bench's numba and native variants are exercised by their own tests
+    # the bench's cpu-backend variants are exercised by their own tests
     return BNKIT + ["lab", "--mini", "--data", str(tiny_idx_dir), "--out", str(out),
                     "--jobs", str(jobs)]
 

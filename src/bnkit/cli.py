@@ -103,9 +103,8 @@ def _backend_lines() -> list[str]:
                 lines.append(f"  {name}: {status()}")
             except Exception as exc:  # noqa: BLE001 - a diagnostic must not stop the report
                 lines.append(f"  {name}: status() failed: {exc!r}")
-    if "cpu" in names:
-        from .kernels import native
-        lines.append(f"  cpu native op: {native.status()}")
+    lines += [f"  {name}: {line}" for name, line in kernels.backend_status().items()
+              if name not in names]  # why each other backend is unavailable
     return lines
 
 

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="5 rounds instead of 15")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch (and numba) threads; default: torch's current setting")
+                        help="torch threads; default: torch's current setting")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
     parser.add_argument("--shapes", default=None,

@@ -5,7 +5,7 @@ locations that would otherwise point elsewhere, XDG_CACHE_HOME, NUMBA_CACHE_DIR 
 TORCH_EXTENSIONS_DIR, removed from its environment, so every per-user cache starts empty)
 and times there: `import torch`, `import bnkit` after it, the first
 `bnkit.nn.BatchNorm2d` training forward + backward (what compiles or loads kernels on
-first use) and the same call again. Other variables (BNKIT_BACKEND, BNKIT_NATIVE,
+first use) and the same call again. Other variables (BNKIT_BACKEND,
 PYTHONPATH, thread settings) are kept.
 
 Example:

@@ -38,7 +38,7 @@ def randomize_bn(model: nn.Module, seed: int) -> None:
 
 def timed_forward(model: nn.Module, x: torch.Tensor, threads: int):
     """model(x) as a no-argument callable; sets the thread count first each time (a
-    numba-backed kernel may have changed it)."""
+    timed call elsewhere may have changed it)."""
     def run():
         torch.set_num_threads(threads)
         model(x)

@@ -87,12 +87,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
                        axis, mask, act, counter):
     """`batch_norm` with positional arguments, for layers: `counter` (a layer's
     num_batches_tracked, or None) advances by one after a successful training call with
-    running buffers, inside the native op when it runs the call."""
-    if mask is None:  # the native node takes most calls: it checks them without raising
-        y = native_apply(input, weight, bias, running_mean, running_var, training, momentum,
-                         eps, axis, act, counter)
-        if y is not None:
-            return y
+    running buffers, inside the C++ node when it runs the call. Every call is validated
+    first, so every path and dtype gives the same errors."""
     axis = checks.validate_call(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
@@ -107,6 +103,11 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
     update = training and running_mean is not None
     if update and not torch.compiler.is_compiling():  # the update writes them in place:
         checks.check_writable(running_mean, running_var)  # refuse what it cannot, first
+    if mask is None:  # the C++ node takes most eager calls (None: the path below runs)
+        y = native_apply(input, weight, bias, running_mean, running_var, training, momentum,
+                         eps, axis, act, counter)
+        if y is not None:
+            return y
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)

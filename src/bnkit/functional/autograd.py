@@ -11,9 +11,9 @@ autograd.Function over the very same forward and backward functions, and skip au
 altogether when nothing needs a gradient; the ops are used whenever torch.compile is
 tracing. In eager training the backend may also blend the running buffers inside its
 one-call forward (`momentum`), which saves four tiny torch ops a call. Before any of
-this, `native_apply` offers a plain eager call to the native C++ node
-(`bnkit.kernels.native`), which runs the same one-call ops with no Python autograd
-frames; it declines what it does not take and the path above runs.
+this (and after the core's validation), `native_apply` offers a plain eager call to the
+C++ autograd node (`bnkit.kernels.native`), which runs the same one-call ops with no
+Python autograd frames; it declines what it does not take and the path above runs.
 
 Double backward: when the backward itself must be differentiated (create_graph=True), the
 same hand-derived formulas run as reference torch ops with the statistics recomputed
@@ -143,6 +143,23 @@ def _differentiable_bwd(dy, x, weight, bias, mean, var, count, mask, training, e
     dweight, dbias = grad_affine(sum_dy, sum_dy_xmu, invstd)
     pdt = weight.dtype if weight is not None else x.dtype
     return dx, dweight.to(pdt), dbias.to(pdt)
+
+
+def _graph_backward(dy, x, weight, bias, mv, training, eps, axis, relu):
+    """Double backward (create_graph=True) of the C++ autograd node (`bnkit_cpu::bn`): the
+    differentiable formulas, statistics recomputed from x. mv is the forward's mean | var;
+    an absent weight or bias arrives undefined (None) and its gradient is dropped."""
+    c = x.shape[axis]
+    count = torch.scalar_tensor(x.numel() // c, dtype=torch.float64)
+    dx, dw, db = _differentiable_bwd(dy, x, weight, bias, mv[:c], mv[c:], count, None,
+                                     training, eps, axis, "relu" if relu else "identity")
+    return [dx, dw, db]
+
+
+_LIB = torch.library.Library("bnkit", "FRAGMENT")  # the registration lives as long as _LIB
+_LIB.define("bn_backward_graph(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mv, "
+            "bool training, float eps, int axis, bool relu) -> Tensor[]")
+_LIB.impl("bn_backward_graph", _graph_backward, "CompositeImplicitAutograd")
 
 
 def _setup_context(ctx, inputs, output):
@@ -308,18 +325,13 @@ def _needs_graph(x, weight, bias) -> bool:
 
 def native_apply(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
                  act, counter=None):
-    """y from the native C++ autograd node (`bnkit.kernels.native`) when it takes this eager
-    call, with no mask: the running buffers blend in place when training with them and
-    `counter` (an int64 step count, or None) advances by one. None, with nothing touched,
-    when it does not take it, including any call the core would reject: the op checks the
-    call without raising (an argument of a type its schema refuses is caught here), so the
-    caller's full path validates it and explains the error. Only for callers that need y
-    alone (the statistics stay inside the node)."""
-    if type(momentum) is int:  # e.g. a layer's momentum=1
-        momentum = float(momentum)
-    if (act not in _NATIVE_ACTS or type(eps) is not float or type(momentum) is not float
-            or type(axis) is not int or type(training) is not bool
-            or not isinstance(x, torch.Tensor)):
+    """y from the C++ autograd node (`bnkit.kernels.native`) when it takes this eager call
+    (no mask): the running buffers blend in place when training with them and `counter`
+    (an int64 step count, or None) advances by one. The caller has validated the call
+    (identical errors on every path) and normalized `axis`. None, with nothing touched, when
+    the node does not take it (see `bnkit.kernels.native`): the Python path then runs it.
+    Only for callers that need y alone (the statistics stay inside the node)."""
+    if act not in _NATIVE_ACTS or type(eps) is not float and type(eps) is not int:
         return None
     # before native_module(): its first call imports the kernels, which must not happen
     # under a transform, a tracer or fake tensors
@@ -328,20 +340,10 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     native = kernels.native_module()
     if native is None:
         return None
-    nd = x.dim()
-    if nd < 2 or not -nd <= axis < nd:
-        return None
-    plan = native.plan(x, axis % nd, training)
-    if plan is None:
-        return None
     update = training and running_mean is not None
-    try:
-        out = native.call(x, weight, bias, running_mean, running_var,
-                          counter if update else None, training, eps, momentum, update,
-                          act == "relu", plan)
-    except (TypeError, RuntimeError):  # e.g. a list for a tensor: refused before any work
-        return None
-    y, nonfinite = out
+    y, nonfinite = native.call(x, weight, bias, running_mean, running_var,
+                               counter if update else None, training, float(eps),
+                               float(momentum) if update else 0.0, update, act == "relu", axis)
     if nonfinite is not None:  # (mean | var): some channels kept their running statistics
         c = nonfinite.numel() // 2
         warn_nonfinite(running_mean, nonfinite[:c], nonfinite[c:])

@@ -1,7 +1,7 @@
 """Lowering for deployment: batch norm as standard torch ops while a model is being exported.
 
 The core runs as bnkit's own ops (the native node, the `bnkit::batch_norm_fwd` custom op,
-numba or Triton kernels), which a deployed model cannot carry: ONNX has no function for
+C++ or Triton kernels), which a deployed model cannot carry: ONNX has no function for
 them, a TorchScript or `.pt2` file that names them fails to load where bnkit is not
 installed, and `torch.jit.trace` cannot see into the kernels at all. So while
 `torch.export` (also under `torch.onnx.export`, whose default exporter uses it) or

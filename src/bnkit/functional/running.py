@@ -8,8 +8,8 @@ Unlike torch, a channel whose batch statistics are not finite (NaN or Inf in its
 keeps its running statistics, and a RuntimeWarning says so, once per running buffer
 (`warn_nonfinite`); one bad batch would otherwise poison them for good, silently. Every
 path applies this rule: here, and in the cpu backend's in-kernel blend
-(`kernels/cpu_ops._blend`, which the native node runs too). num_batches_tracked still
-advances, as torch counts every training call.
+(`blend_running` in src/bnkit/csrc/running.cpp, which the C++ node runs too).
+num_batches_tracked still advances, as torch counts every training call.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     Computed in float64 (the statistics' dtype for float32/float64 input; float32 for half
     input) as `r * (1 - momentum) + stat * w` (two products, one sum, each rounded) and
     rounded once into the buffer's dtype: the arithmetic of the cpu
-    backend's in-kernel blend (`kernels/cpu_ops._blend`), so eager runs on either backend
+    backend's in-kernel blend (src/bnkit/csrc/running.cpp), so eager runs on either backend
     and compiled graphs agree bit for bit. Tensors that carry autograd history are blended
     under no_grad (a context costs ~10 us, so it is entered only then). Channels whose batch
     statistics are not finite keep their running statistics (`warn_nonfinite`); buffers the

@@ -1,8 +1,10 @@
 """Backends behind one dispatch.
 
-A backend is a module with `NAME`, `available()`, `supports(x, axis, mask)`, `status()` and
-the primitives of the core with the reference signatures: `batch_stats`, `normalize`,
-`backward_reduce`, `backward_elemt`, `act_backward`. The custom ops in
+A backend is a module that meets `contract.Backend`: `NAME`, `available()`,
+`supports(x, axis, mask)`, `status()` and the primitives of the core with the reference
+signatures (`batch_stats`, `normalize`, `backward_reduce`, `backward_elemt`,
+`act_backward`), optionally the one-call `fused_forward` / `fused_backward_op`. Every
+backend is listed once, in `BACKENDS` below. The custom ops in
 `bnkit.functional.autograd` ask `select(x, axis, mask)` for the module, once per call.
 
 Choosing: `bnkit.set_backend(name)` or the `BNKIT_BACKEND` environment variable (read on
@@ -24,9 +26,17 @@ import os
 
 from . import reference
 
-_KNOWN = ("reference", "cpu", "triton")
-_AUTO_ORDER = ("triton", "cpu")
-_EXTRAS = {"cpu": "bnkit[fast] (numba)", "triton": "bnkit[gpu] (triton and a CUDA GPU)"}
+# The registration table: name -> (what to install when it is unavailable, its place in
+# 'auto''s order, fastest first; None: never picked by 'auto'). Module: bnkit.kernels.<name>.
+BACKENDS = {
+    "reference": ("nothing (always available)", None),
+    "cpu": ("bnkit built with its C++ extension bnkit._C (a C++ compiler at install time)", 1),
+    "triton": ("bnkit[gpu] (triton and a CUDA GPU)", 0),
+}
+_KNOWN = tuple(BACKENDS)
+_AUTO_ORDER = tuple(sorted((n for n in BACKENDS if BACKENDS[n][1] is not None),
+                           key=lambda n: BACKENDS[n][1]))
+_EXTRAS = {n: hint for n, (hint, _) in BACKENDS.items()}
 _loaded: dict[str, object] = {"reference": reference}
 _why: dict[str, str] = {}  # why a backend is unavailable
 _current: str | None = None  # None until BNKIT_BACKEND is read (first use)
@@ -110,20 +120,20 @@ def backend_status() -> dict[str, str]:
     return out
 
 
-_native = False  # the `native` module when its op is built; False: not looked up yet
+_native = False  # the `native` module when the node is on; None: off; False: not looked up yet
 
 
 def use_native(flag: bool) -> None:
-    """Turn the native C++ autograd op on (looked up again at the next call) or off for
-    this process, e.g. to compare it with the Python autograd.Function path."""
+    """Turn the C++ autograd node on (looked up again at the next call) or off for this
+    process, e.g. to compare it with the Python autograd.Function path."""
     global _native
     _native = False if flag else None
 
 
 def native_module():
-    """The `native` module (`native.plan`, `native.call`) when the selected backend is
-    'auto' or 'cpu' and the native C++ autograd op is built (building it on first use),
-    else None. See bnkit.kernels.native."""
+    """The `native` module (`native.call`) when the selected backend is 'auto' or 'cpu'
+    and the 'cpu' backend (bnkit._C, which holds the C++ autograd node) is available and
+    the node is not turned off (`use_native`), else None. See bnkit.kernels.native."""
     global _native
     if (_current or get_backend()) not in ("auto", "cpu"):
         return None
@@ -131,5 +141,5 @@ def native_module():
         _native = None
         if _load("cpu") is not None:
             from . import native
-            _native = native if native.op() is not None else None
+            _native = native
     return _native

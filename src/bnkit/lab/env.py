@@ -11,7 +11,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("torch", "numpy", "matplotlib", "tqdm", "numba", "triton")
+PACKAGES = ("torch", "numpy", "matplotlib", "tqdm", "triton")
 
 
 def _version(package: str) -> str | None:

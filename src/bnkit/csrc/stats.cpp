@@ -1,0 +1,205 @@
+// Batch statistics per channel (see kernels.h). Every sum runs in float64 over 8
+// independent lanes: a fixed summation order the compiler can keep in SIMD registers
+// without reassociating anything (the result does not depend on the build's flags).
+#include <vector>
+
+#include "kernels.h"
+
+#ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
+#pragma GCC target("avx2")
+#endif
+#include "simd.h"  // after the target: its vectors are AVX2 ones there
+
+namespace bnkit {
+namespace {
+
+constexpr int LANES = 8;
+
+template <class T>
+double sum_of(const T* __restrict__ x, I n) {
+  double acc[LANES] = {0};
+  I i = 0;
+#ifdef BNKIT_VECTOR_EXT
+  f64x4 a0 = splat4(0), a1 = splat4(0);
+  for (; i + LANES <= n; i += LANES) {
+    a0 += load4(x + i);
+    a1 += load4(x + i + 4);
+  }
+  store8(a0, a1, acc);
+#else
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += static_cast<double>(x[i + l]);
+#endif
+  double s = 0;
+  for (; i < n; ++i) s += static_cast<double>(x[i]);
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  return s;
+}
+
+// (sum (x - m)^2, sum (x - m)): the second corrects a rounded mean.
+template <class T>
+void sqdev(const T* __restrict__ x, I n, double m, double& q, double& r) {
+  double aq[LANES] = {0}, ar[LANES] = {0};
+  I i = 0;
+#ifdef BNKIT_VECTOR_EXT
+  const f64x4 mv = splat4(m);
+  f64x4 q0 = splat4(0), q1 = splat4(0), r0 = splat4(0), r1 = splat4(0);
+  for (; i + LANES <= n; i += LANES) {
+    const f64x4 d0 = load4(x + i) - mv, d1 = load4(x + i + 4) - mv;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+    r0 += d0;
+    r1 += d1;
+  }
+  store8(q0, q1, aq);
+  store8(r0, r1, ar);
+#else
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      const double d = static_cast<double>(x[i + l]) - m;
+      aq[l] += d * d;
+      ar[l] += d;
+    }
+#endif
+  double sq = 0, sr = 0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - m;
+    sq += d * d;
+    sr += d;
+  }
+  for (int l = 0; l < LANES; ++l) {
+    sq += aq[l];
+    sr += ar[l];
+  }
+  q += sq;
+  r += sr;
+}
+
+// (mean, M2) of a chunk from its rounded mean m, q = sum (x - m)^2, r = sum (x - m):
+// mean = m + r/n, M2 = q - r^2/n (corrected two-pass; exact for constant data).
+inline void corrected(double m, double q, double r, double n, double& mean, double& m2) {
+  if (n == 0) {
+    mean = 0;
+    m2 = 0;
+    return;
+  }
+  mean = m + r / n;
+  m2 = std::max(q - r * r / n, 0.0);
+}
+
+// Chan's P-way merge per channel, deviations from the final mean; part (c, j) of the
+// (count, mean, M2) arrays at c*cs + j*js.
+void merge(const double* pn, const double* pm, const double* pq, I C, I P, I cs, I js,
+           double* mean, double* var) {
+  for (I c = 0; c < C; ++c) {
+    double n = 0, s = 0;
+    const double m0 = pm[c * cs];
+    for (I j = 0; j < P; ++j) {  // shifted by chunk 0's mean: equal means merge exactly
+      n += pn[c * cs + j * js];
+      s += pn[c * cs + j * js] * (pm[c * cs + j * js] - m0);
+    }
+    const double nn = std::max(n, 1.0);
+    const double mu = m0 + s / nn;
+    double m2 = 0;
+    for (I j = 0; j < P; ++j) {
+      const double d = pm[c * cs + j * js] - mu;
+      m2 += pq[c * cs + j * js] + pn[c * cs + j * js] * d * d;
+    }
+    mean[c] = mu;
+    var[c] = m2 / nn;
+  }
+}
+
+template <class T>
+void cf_stats(const T* x, const View& v, I threads, double* mean, double* var) {
+  const Split sp = cf_split(v, threads);
+  const I P = ceil_div(v.outer, sp.rows) * sp.pieces;
+  std::vector<double> pn(v.C * P), pm(v.C * P), pq(v.C * P);
+  run_tasks(v.C * P, threads, [&](I t) {
+    const I c = t / P, j = t % P;
+    const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
+    const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
+    const double n = static_cast<double>((o1 - o0) * (s1 - s0));
+    double s = 0;
+    for (I o = o0; o < o1; ++o) s += sum_of(x + (o * v.C + c) * v.inner + s0, s1 - s0);
+    const double m = s / std::max(n, 1.0);
+    double q = 0, r = 0;
+    for (I o = o0; o < o1; ++o) sqdev(x + (o * v.C + c) * v.inner + s0, s1 - s0, m, q, r);
+    pn[t] = n;
+    corrected(m, q, r, n, pm[t], pq[t]);
+  });
+  merge(pn.data(), pm.data(), pq.data(), v.C, P, P, 1, mean, var);
+}
+
+// One pass over rows [m0, m1) of (M, C): float64 sums of d = x - x[m0] (the chunk's first
+// row), mean = x[m0] + s/n, M2 = q - s^2/n. The shift is a value of the chunk, so
+// (shift - mean)^2 <= M2 and the cancellation costs at most ~n^2 float64 ulps of M2: below
+// 2e-9 relative for n <= SHIFT_ROWS, far under float32's resolution (float input only).
+template <class T>
+void cl_shifted(const T* __restrict__ x, I m0, I m1, I C, double* __restrict__ mean,
+                double* __restrict__ m2, double* __restrict__ s) {
+  for (I c = 0; c < C; ++c) mean[c] = static_cast<double>(x[m0 * C + c]);
+  for (I m = m0 + 1; m < m1; ++m) {
+    const T* xr = x + m * C;
+    for (I c = 0; c < C; ++c) {
+      const double d = static_cast<double>(xr[c]) - mean[c];
+      s[c] += d;
+      m2[c] += d * d;
+    }
+  }
+  for (I c = 0; c < C; ++c) corrected(mean[c], m2[c], s[c], m1 - m0, mean[c], m2[c]);
+}
+
+// Two passes over rows [m0, m1) of (M, C) (the second reads the chunk from L2).
+template <class T>
+void cl_two_pass(const T* __restrict__ x, I m0, I m1, I C, double* __restrict__ mean,
+                 double* __restrict__ m2, double* __restrict__ s) {
+  for (I m = m0; m < m1; ++m)
+    for (I c = 0; c < C; ++c) mean[c] += static_cast<double>(x[m * C + c]);
+  for (I c = 0; c < C; ++c) mean[c] /= static_cast<double>(m1 - m0);
+  for (I m = m0; m < m1; ++m) {
+    const T* xr = x + m * C;
+    for (I c = 0; c < C; ++c) {
+      const double d = static_cast<double>(xr[c]) - mean[c];
+      m2[c] += d * d;
+      s[c] += d;
+    }
+  }
+  for (I c = 0; c < C; ++c) corrected(mean[c], m2[c], s[c], m1 - m0, mean[c], m2[c]);
+}
+
+template <class T>
+void cl_stats(const T* x, const View& v, I threads, double* mean, double* var) {
+  const I M = v.outer, C = v.C;
+  const I rows = cl_rows(M, C, threads);
+  const I P = ceil_div(M, rows);
+  std::vector<double> pn(P), pm(P * C, 0.0), pq(P * C, 0.0);
+  run_tasks(P, threads, [&](I j) {
+    const I m0 = j * rows, m1 = std::min(M, m0 + rows);
+    std::vector<double> s(C, 0.0);
+    if (sizeof(T) == 4)
+      cl_shifted(x, m0, m1, C, &pm[j * C], &pq[j * C], s.data());
+    else
+      cl_two_pass(x, m0, m1, C, &pm[j * C], &pq[j * C], s.data());
+    pn[j] = static_cast<double>(m1 - m0);
+  });
+  std::vector<double> pnc(P * C);  // counts per (chunk, channel) for merge's indexing
+  for (I j = 0; j < P; ++j)
+    for (I c = 0; c < C; ++c) pnc[j * C + c] = pn[j];
+  merge(pnc.data(), pm.data(), pq.data(), C, P, 1, C, mean, var);
+}
+
+}  // namespace
+
+template <class T>
+void batch_stats(const T* x, const View& v, I threads, double* mean, double* var) {
+  if (v.inner == 1)
+    cl_stats(x, v, threads, mean, var);
+  else
+    cf_stats(x, v, threads, mean, var);
+}
+
+template void batch_stats<float>(const float*, const View&, I, double*, double*);
+template void batch_stats<double>(const double*, const View&, I, double*, double*);
+
+}  // namespace bnkit
