@@ -39,10 +39,10 @@ NAME = "triton"
 ON_CPU_ENV = "BNKIT_TRITON_ON_CPU"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = ["NAME", "act_backward", "available", "backward_elemt", "backward_reduce",
-           "batch_stats", "fused_backward", "normalize", "status", "supports"]
+           "batch_stats", "fused_backward", "interpreting", "normalize", "status", "supports"]
 
 
-def _interpret() -> bool:
+def interpreting() -> bool:
     """Triton's interpreter is on now (TRITON_INTERPRET, read the way Triton reads it)."""
     if _triton is None:
         return False
@@ -60,13 +60,13 @@ def _kernels():
 
 def available() -> bool:
     """Triton imports and there is a device to run it: CUDA, or the interpreter."""
-    return _triton is not None and (torch.cuda.is_available() or _interpret())
+    return _triton is not None and (torch.cuda.is_available() or interpreting())
 
 
 def _device_ok(x) -> bool:
     if x.device.type == "cuda":
         return torch.cuda.is_available() and not _kernels().INTERPRETED
-    return (x.device.type == "cpu" and os.environ.get(ON_CPU_ENV) == "1" and _interpret()
+    return (x.device.type == "cpu" and os.environ.get(ON_CPU_ENV) == "1" and interpreting()
             and _kernels().INTERPRETED)
 
 
@@ -85,9 +85,9 @@ def status() -> str:
     if _triton is None:
         return "triton: not installed (pip install 'bnkit[gpu]')"
     where = f"triton {_triton.__version__}: "
-    if torch.cuda.is_available() and not _interpret():
+    if torch.cuda.is_available() and not interpreting():
         return where + f"CUDA ({torch.cuda.get_device_name()})"
-    if _interpret():
+    if interpreting():
         cpu = ("on" if os.environ.get(ON_CPU_ENV) == "1" else
                f"off (set {ON_CPU_ENV}=1 to run CPU tensors)")
         return where + f"interpreter (TRITON_INTERPRET=1), CPU tensors {cpu}"
@@ -121,7 +121,7 @@ def _like(t, x, axis):
 def _plan(g, x):
     """Tiles: large on a GPU; tiny under the interpreter so that small test tensors cross
     every tile, split and channel-block boundary."""
-    if x.device.type != "cuda" or _interpret():
+    if x.device.type != "cuda" or interpreting():
         return layout.plan(g, max_block_k=4, tile=8, target_programs=2 * g.channels)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     return layout.plan(g, max_block_k=64 if g.channels_last else 1024, tile=4096,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton import _interpret
+from .triton import interpreting
 
-INTERPRETED = _interpret()  # how the kernels below are defined: interpreted or compiled
+INTERPRETED = interpreting()  # how the kernels below are defined: interpreted or compiled
 
 # activation codes shared with the front module: identity, relu, silu, gelu
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3}
