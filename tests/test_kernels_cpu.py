@@ -16,28 +16,13 @@ from bnkit.kernels import reference as ref
 
 cpu = pytest.importorskip("bnkit.kernels.cpu")
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+from test_kernels import close, make  # the conformance suite's cases and tolerances
 
 
 @pytest.fixture(autouse=True)
 def _auto_backend_after():
     yield
     kernels.set_backend("auto")
-
-
-def make(shape, axis, cl, dtype, seed=0, loc=0.5, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
-    return x.contiguous(memory_format=CL[len(shape)]) if cl else x
-
-
-def close(got, want, dtype, scale=None):
-    """|got - want| <= tol * scale, scale = max|want| unless given (same dtype and shape)."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    scale = want.abs().max().item() if scale is None else scale
-    bound = TOL[dtype] * max(scale, 1e-30)
-    assert (got - want).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize("view", ["transpose", "slice", "expand"])

@@ -35,6 +35,7 @@ from .sync_header import agree, call_header, header_device, rejected_header
 
 __all__ = [
     "SyncBatchNormFunction",
+    "check_on_every_rank",
     "check_process_group",
     "shared_rejection",
     "sync_batch_norm",
@@ -161,6 +162,16 @@ def shared_rejection(input, group):
         with suppress(Exception):  # to report
             agree(rejected_header(header_device(input, group)), group, _collective)
         raise
+
+
+def check_on_every_rank(check, input, group) -> None:
+    """check(input) on this rank; with a process group, a rejection here makes every peer
+    raise too (`shared_rejection`) instead of waiting in the next collective."""
+    if group is None:
+        check(input)
+        return
+    with shared_rejection(input, group):
+        check(input)
 
 
 def _validate(x, running_mean, running_var, weight, bias, momentum, eps, axis, mask, group):

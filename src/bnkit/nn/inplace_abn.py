@@ -82,10 +82,9 @@ class InPlaceABN(BatchNormAct):
         if group is None:
             self._check_input_dim(input)
         else:  # a rejected input makes the peers raise too, instead of waiting
-            from ..functional.sync import shared_rejection
+            from ..functional.sync import check_on_every_rank
 
-            with shared_rejection(input, group):
-                self._check_input_dim(input)
+            check_on_every_rank(self._check_input_dim, input, group)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         if group is None:

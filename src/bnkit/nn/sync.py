@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from ..functional.sync import check_process_group, shared_rejection, sync_batch_norm_train
+from ..functional.sync import check_on_every_rank, check_process_group, sync_batch_norm_train
 from .act import tail_modules
 from .base import NormBase
 from .batchnorm import BatchNorm
@@ -82,11 +82,7 @@ class SyncBatchNorm(NormBase, _BatchNorm):
         if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
             return self._scripted(input)
         group = self._sync_group()
-        if group is None:
-            self._check_input_dim(input)
-        else:  # a rejected input makes the peers raise too, instead of waiting
-            with shared_rejection(input, group):
-                self._check_input_dim(input)
+        check_on_every_rank(self._check_input_dim, input, group)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         if group is None:
