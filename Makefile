@@ -19,7 +19,7 @@ CSRC    := $(wildcard src/bnkit/csrc/*.cpp src/bnkit/csrc/*.h)
 
 $(STAMP): pyproject.toml setup.py $(CSRC) | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 numpy  # numpy before the build: torch warns without it
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev,lab]'
 	touch $(STAMP)
 
