@@ -101,20 +101,21 @@ def _check_dim(dim) -> None:
                          f"{dim!r}); e.g. dim=2 for (N, C, H, W) input")
 
 
-def _instancenorm(num_features, dim=2, eps=1e-5, momentum=0.1, affine=False,
-                  track_running_stats=False, device=None, dtype=None):
-    _check_dim(dim)
-    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dim]
-    return cls(num_features, eps, momentum, affine, track_running_stats, device=device,
-               dtype=dtype)
+def _torch_per_dim(classes, affine: bool, track_running_stats: bool):
+    """A factory of torch's {1, 2, 3}-d layer family `classes` (InstanceNorm, BatchNorm) taking
+    dim= (default 2) and torch's own defaults for affine and track_running_stats."""
+    def build(num_features, dim=2, eps=1e-5, momentum=0.1, affine=affine,
+              track_running_stats=track_running_stats, device=None, dtype=None):
+        _check_dim(dim)
+        return classes[dim - 1](num_features, eps, momentum, affine, track_running_stats,
+                                device=device, dtype=dtype)
+    return build
 
 
-def _torch_batchnorm(num_features, dim=2, eps=1e-5, momentum=0.1, affine=True,
-                     track_running_stats=True, device=None, dtype=None):
-    _check_dim(dim)
-    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
-    return cls(num_features, eps, momentum, affine, track_running_stats, device=device,
-               dtype=dtype)
+_instancenorm = _torch_per_dim((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+                               affine=False, track_running_stats=False)
+_torch_batchnorm = _torch_per_dim((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+                                  affine=True, track_running_stats=True)
 
 
 def _sync_class():
