@@ -210,7 +210,6 @@ BAD = {"weight size": {"w": torch.ones(5)},
        "weight dtype": {"w": torch.ones(4, dtype=torch.float64)},
        "running_var missing": {"rv": None},
        "eval without buffers": {"training": False, "rm": None, "rv": None},
-       "counter dtype": {"n": torch.tensor(0.0)},
        "running_var requires grad": {"rv": torch.ones(4, requires_grad=True)},
        "expanded running_var": {"rv": torch.ones(1).expand(4)},
        "half input": {"x": torch.randn(8, 4).half()},
@@ -221,14 +220,14 @@ BAD = {"weight size": {"w": torch.ones(5)},
 def test_the_op_declines_untouched(bad):
     """The node returns (None, None) and touches nothing for a call its kernels cannot run in
     place, so the Python path runs it."""
-    rm, rv, n = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    rm, rv = torch.zeros(4), torch.ones(4)
     a = {"x": torch.randn(8, 4), "w": torch.ones(4), "b": torch.zeros(4), "rm": rm, "rv": rv,
-         "n": n, "training": True, "eps": 1e-5, "momentum": 0.1, **BAD[bad]}
+         "training": True, "eps": 1e-5, "momentum": 0.1, **BAD[bad]}
     update = a["training"] and a["rm"] is not None
-    out = native.call(a["x"], a["w"], a["b"], a["rm"], a["rv"], a["n"], a["training"], a["eps"],
+    out = native.call(a["x"], a["w"], a["b"], a["rm"], a["rv"], a["training"], a["eps"],
                       a["momentum"], update, False, 1)
     assert out == (None, None)
-    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and int(n) == 0
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
 
 
 def test_nonfinite_statistics_come_back_from_the_node(monkeypatch):
@@ -243,9 +242,9 @@ def test_nonfinite_statistics_come_back_from_the_node(monkeypatch):
     assert calls == [1]
     assert m.running_mean[2] == 0 and m.running_var[2] == 1 and int(m.num_batches_tracked) == 1
     torch.testing.assert_close(m.running_mean[[0, 1, 3]], 0.1 * x[:, [0, 1, 3]].mean(0))
-    y, stats = native.call(x, None, None, m.running_mean, m.running_var, None, True, 1e-5,
-                           0.1, True, False, 1)
+    y, stats = native.call(x, None, None, m.running_mean, m.running_var, True, 1e-5, 0.1,
+                           True, False, 1)
     assert y.shape == x.shape and stats.shape == (8,) and not torch.isfinite(stats[2])
-    _, stats = native.call(x.nan_to_num(posinf=0.0), None, None, None, None, None, True,
-                           1e-5, 0.1, False, False, 1)
+    _, stats = native.call(x.nan_to_num(posinf=0.0), None, None, None, None, True, 1e-5,
+                           0.1, False, False, 1)
     assert stats is None  # finite statistics: nothing comes back

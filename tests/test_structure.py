@@ -189,3 +189,52 @@ def test_no_module_uses_another_modules_private_names():
 def test_no_import_cycle_among_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+# ------------------------------------------------- one owner of the running-statistics step
+
+OWNER = "bnkit.functional.running"  # record_step: the blend and the step counter
+BLEND = "update_running"
+
+
+def step_writes(module: str) -> list[str]:
+    """Where `module` writes what only the owner may: a call of the blend (`update_running`)
+    or an in-place increment of a step counter (`x.num_batches_tracked.add_(..)`,
+    `counter.add_(..)`, `... += ` on a num_batches_tracked). Conversions that copy or zero a
+    counter (freeze, reset_running_stats) are not steps and are not reported."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name == BLEND:
+                found.append(f"{module}:{node.lineno} calls {BLEND}")
+            if name == "add_" and isinstance(f, ast.Attribute) and \
+                    _counts_steps(ast.unparse(f.value)):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.AugAssign) and _counts_steps(ast.unparse(node.target)):
+            found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def _counts_steps(expr: str) -> bool:
+    return "num_batches_tracked" in expr or expr.split(".")[-1].startswith("counter")
+
+
+def test_the_step_reader_sees_a_counter_write_and_a_blend(tmp_path, monkeypatch):
+    src = tmp_path / "m.py"
+    src.write_text("def f(self, counter, rm):\n    self.num_batches_tracked.add_(1)\n"
+                   "    self.num_batches_tracked[s] += 1\n    counter.add_(1)\n"
+                   "    F.update_running(rm, rm, rm, rm, 2, 0.1)\n"
+                   "    self.num_batches_tracked.zero_()\n    x.add_(1)\n")
+    monkeypatch.setitem(MODULES, "m", src)
+    assert sorted(w.split(" ", 1)[0] for w in step_writes("m")) == ["m:2", "m:3", "m:4", "m:5"]
+
+
+def test_only_the_owner_blends_running_statistics_or_advances_step_counters():
+    """Every layer of the family and every functional path records a training step through
+    `functional.running.record_step`; nothing else re-implements it."""
+    writes = [w for module in MODULES if module != OWNER for w in step_writes(module)]
+    assert not writes, "running statistics or step counters written outside " \
+                       f"{OWNER}.record_step:\n" + "\n".join(writes)

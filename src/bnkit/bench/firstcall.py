@@ -8,6 +8,11 @@ and times there: `import torch`, `import bnkit` after it, the first
 first use) and the same call again. Other variables (BNKIT_BACKEND,
 PYTHONPATH, thread settings) are kept.
 
+Python's own bytecode cache (__pycache__ beside the sources) is not a per-user cache: pip
+writes it at install time. So PYTHONDONTWRITEBYTECODE is dropped too and one untimed
+`import bnkit` runs first, leaving the cache as an install does; with the variable set,
+every import would recompile bnkit's sources and time the compiler instead (about 3x).
+
 Example:
     >>> from bnkit.bench.firstcall import first_call
     >>> r = first_call(env={"BNKIT_BACKEND": "reference"})
@@ -23,7 +28,8 @@ import sys
 import tempfile
 
 FIRST_CALL_SHAPE = (16, 32, 28, 28)
-CACHE_VARIABLES = ("XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "TORCH_EXTENSIONS_DIR")
+CACHE_VARIABLES = ("XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "TORCH_EXTENSIONS_DIR",
+                   "PYTHONDONTWRITEBYTECODE")
 
 SCRIPT = """
 import json, os, sys, time
@@ -69,7 +75,10 @@ def first_call(shape=FIRST_CALL_SHAPE, timeout: float = 600.0,
     or ran past `timeout` seconds. `env` adds or overrides variables of the child.
     """
     with tempfile.TemporaryDirectory(prefix="bnkit-home-") as home:
-        try:
+        try:  # the bytecode cache as pip leaves it (module docstring); HOME stays empty
+            subprocess.run([sys.executable, "-c", "import bnkit"], env=fresh_env(home, env),
+                           cwd=tempfile.gettempdir(), capture_output=True, timeout=timeout,
+                           check=False)
             out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(list(shape))],
                                  env=fresh_env(home, env), cwd=home, capture_output=True,
                                  text=True, timeout=timeout, check=False)

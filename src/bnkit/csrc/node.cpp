@@ -38,16 +38,12 @@ thread_local Tensor g_nonfinite;  // the last forward's mean | var when it skipp
 
 struct BN : public torch::autograd::Function<BN> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptT& w, const OptT& b,
-                        const OptT& rm, const OptT& rv, const OptT& counter, bool training,
+                        const OptT& rm, const OptT& rv, bool training,
                         double eps, double momentum, bool update, bool relu, int64_t axis) {
     Forward f = bnkit::forward(x, w, b, rm, rv, training, eps, axis, relu,
                                update ? std::optional<double>(momentum) : std::nullopt);
     Tensor mv = at::cat({f.mean, f.var});
     if (f.skipped > 0) g_nonfinite = mv;
-    if (has(counter)) {  // the layer's num_batches_tracked (int64 scalar): one more step
-      counter->data_ptr<int64_t>()[0] += 1;
-      counter->unsafeGetTensorImpl()->bump_version();
-    }
     ctx->save_for_backward({x, w.value_or(Tensor()), b.value_or(Tensor()), mv});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["training"] = training;
@@ -88,7 +84,7 @@ bool vector_ok(const OptT& t, at::ScalarType dt, int64_t C) {
 }
 
 bool takes(const Tensor& x, const OptT& w, const OptT& b, const OptT& rm, const OptT& rv,
-           const OptT& counter, bool training, bool update, int64_t axis) {
+           bool training, bool update, int64_t axis) {
   if (!x.device().is_cpu() || x.numel() == 0 || axis < 0 || axis >= x.dim()) return false;
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && dt != at::kDouble) return false;
@@ -104,19 +100,17 @@ bool takes(const Tensor& x, const OptT& w, const OptT& b, const OptT& rm, const 
   if (!training && !has(rm)) return false;
   if (update != (training && has(rm))) return false;
   if (update && (rm->is_inference() || rv->is_inference())) return false;
-  if (has(rm) && (rm->requires_grad() || rv->requires_grad())) return false;
-  return !has(counter) || (counter->device().is_cpu() && counter->scalar_type() == at::kLong &&
-                           counter->numel() == 1 && !counter->is_inference());
+  return !(has(rm) && (rm->requires_grad() || rv->requires_grad()));
 }
 
 // -> (y, stats): stats is mean | var (2C,) when some channels' batch statistics were not
 // finite (their running statistics were left as they were), else undefined;
 // (undefined, undefined) when the node declines the call.
 std::tuple<Tensor, Tensor> bn(const Tensor& x, const OptT& w, const OptT& b, const OptT& rm,
-                              const OptT& rv, const OptT& counter, bool training, double eps,
+                              const OptT& rv, bool training, double eps,
                               double momentum, bool update, bool relu, int64_t axis) {
-  if (!takes(x, w, b, rm, rv, counter, training, update, axis)) return {Tensor(), Tensor()};
-  Tensor y = BN::apply(x, w, b, rm, rv, counter, training, eps, momentum, update, relu, axis);
+  if (!takes(x, w, b, rm, rv, training, update, axis)) return {Tensor(), Tensor()};
+  Tensor y = BN::apply(x, w, b, rm, rv, training, eps, momentum, update, relu, axis);
   return {y, std::exchange(g_nonfinite, Tensor())};
 }
 
@@ -125,7 +119,7 @@ std::tuple<Tensor, Tensor> bn(const Tensor& x, const OptT& w, const OptT& b, con
 
 TORCH_LIBRARY_FRAGMENT(bnkit_cpu, m) {
   m.def("bn(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "Tensor? counter, bool training, float eps, float momentum, bool update, bool relu, "
+        "bool training, float eps, float momentum, bool update, bool relu, "
         "int axis) -> (Tensor, Tensor)",
         &bnkit::bn);
 }

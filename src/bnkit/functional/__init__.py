@@ -9,11 +9,11 @@ import torch
 
 from . import checks
 from .activation import ACTIVATIONS
-from .autograd import advance, bn_apply, native_apply
+from .autograd import bn_apply, native_apply
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine
 from .export import lowered_call, lowering
 from .normalize import normalize
-from .running import update_running
+from .running import record_step, update_running
 from .stats import Stats, batch_stats, merge_many, merge_stats
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "merge_many",
     "merge_stats",
     "normalize",
+    "record_step",
     "update_running",
 ]
 
@@ -87,8 +88,8 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
                        axis, mask, act, counter):
     """`batch_norm` with positional arguments, for layers: `counter` (a layer's
     num_batches_tracked, or None) advances by one after a successful training call with
-    running buffers, inside the C++ node when it runs the call. Every call is validated
-    first, so every path and dtype gives the same errors."""
+    running buffers (`running.record_step`, the one owner of both). Every call is
+    validated first, so every path and dtype gives the same errors."""
     axis = checks.validate_call(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, axis, mask, act)
     count = _valid_count(input, axis, mask) if training else 2
@@ -105,16 +106,17 @@ def counted_batch_norm(input, running_mean, running_var, weight, bias, training,
         checks.check_writable(running_mean, running_var)  # refuse what it cannot, first
     if mask is None:  # the C++ node takes most eager calls (None: the path below runs)
         y = native_apply(input, weight, bias, running_mean, running_var, training, momentum,
-                         eps, axis, act, counter)
+                         eps, axis, act)
         if y is not None:
+            if update:
+                record_step(running_mean, running_var, None, None, None, momentum, counter,
+                            blended=True)
             return y
     y, mean, var, n, blended = bn_apply(input, weight, bias, running_mean, running_var, mask,
                                         training, eps, axis, act,
                                         float(momentum) if update else None)
-    if update and not blended:
-        update_running(running_mean, running_var, mean, var, n, momentum)
-    if update and counter is not None:
-        advance(counter)
+    if update:
+        record_step(running_mean, running_var, mean, var, n, momentum, counter, blended)
     return y
 
 

@@ -34,7 +34,7 @@ from .. import kernels
 from .backward import act_backward, backward_elemt, backward_reduce, grad_affine, padding_safe
 from .export import refuse_trace
 from .normalize import inv_std, normalize
-from .running import update_running, warn_nonfinite
+from .running import record_step, warn_nonfinite
 from .stats import acc_dtype, batch_stats, mask_view
 
 
@@ -288,19 +288,8 @@ def _derived_forward(x, weight, bias, running_mean, running_var, mask, training,
     if momentum is None or _functorch.is_functorch_wrapped_tensor(mean):
         return y, mean, var, count, False  # a grad level is left: torch refuses the update
     with torch._C._DisableFuncTorch():  # plain tensors into plain buffers, below the jvp
-        update_running(running_mean, running_var, mean, var, count, momentum)
+        record_step(running_mean, running_var, mean, var, count, momentum, None)
     return y, mean, var, count, True
-
-
-def advance(counter) -> None:
-    """A layer's step count + 1, after a successful training call with running buffers;
-    under torch.func transforms below their levels, like the buffers' blend (only jvp gets
-    this far: vmap and grad refuse the blend first)."""
-    if _functorch_active():
-        with torch._C._DisableFuncTorch():
-            counter.add_(1)
-    else:
-        counter.add_(1)
 
 
 def _constant(t):
@@ -324,11 +313,11 @@ def _needs_graph(x, weight, bias) -> bool:
 
 
 def native_apply(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
-                 act, counter=None):
+                 act):
     """y from the C++ autograd node (`bnkit.kernels.native`) when it takes this eager call
-    (no mask): the running buffers blend in place when training with them and `counter`
-    (an int64 step count, or None) advances by one. The caller has validated the call
-    (identical errors on every path) and normalized `axis`. None, with nothing touched, when
+    (no mask): the running buffers blend in place when training with them (the caller
+    then records the step: `running.record_step(blended=True)`). The caller has validated
+    the call (identical errors on every path) and normalized `axis`. None, with nothing touched, when
     the node does not take it (see `bnkit.kernels.native`): the Python path then runs it.
     Only for callers that need y alone (the statistics stay inside the node)."""
     if act not in _NATIVE_ACTS or type(eps) is not float and type(eps) is not int:
@@ -341,8 +330,7 @@ def native_apply(x, weight, bias, running_mean, running_var, training, momentum,
     if native is None:
         return None
     update = training and running_mean is not None
-    y, nonfinite = native.call(x, weight, bias, running_mean, running_var,
-                               counter if update else None, training, float(eps),
+    y, nonfinite = native.call(x, weight, bias, running_mean, running_var, training, float(eps),
                                float(momentum) if update else 0.0, update, act == "relu", axis)
     if nonfinite is not None:  # (mean | var): some channels kept their running statistics
         c = nonfinite.numel() // 2

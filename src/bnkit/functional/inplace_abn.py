@@ -30,7 +30,7 @@ from ..errors import BNValueError
 from . import checks
 from .backward import grad_affine
 from .normalize import affine_coeffs, inv_std, normalize
-from .running import update_running
+from .running import record_step
 from .stats import acc_dtype, channel_view, compute_dtype
 
 __all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
@@ -256,7 +256,7 @@ def abn_apply(x, weight, bias, mean, invstd, count, axis, act, act_param, traini
 
 def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=None,
                 training=False, momentum=0.1, eps=1e-5, *, axis=1, act="leaky_relu",
-                act_param=0.01, inplace=True):
+                act_param=0.01, inplace=True, counter=None):
     """y = act(BN(x)) that keeps only y for the backward, and writes y into x when safe.
 
     The value is exactly `bnkit.functional.batch_norm(...)` followed by the activation
@@ -274,6 +274,8 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         act: 'leaky_relu' (default), 'elu' or 'identity'. act_param: the leaky slope or the
             elu alpha (> 0; default 0.01).
         inplace: allow overwriting the input (default True).
+        counter: a layer's num_batches_tracked (int64), advanced with the running buffers
+            (`running.record_step`); default None.
 
     Example:
         >>> x = torch.randn(8, 3, 4, requires_grad=True) * 2 + 1   # a non-leaf
@@ -305,7 +307,7 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         invstd = inv_std(var, eps)
     y = abn_apply(input, weight, bias, mean, invstd, n, axis, act, act_param, training, inplace)
     if update:
-        update_running(running_mean, running_var, mean, var, n, momentum)
+        record_step(running_mean, running_var, mean, var, n, momentum, counter)
     return y
 
 
@@ -316,19 +318,21 @@ def _collective(op, tensors, group, what: str) -> None:
 
 def inplace_abn_sync_train(input, running_mean=None, running_var=None, weight=None, bias=None,
                            momentum=0.1, eps=1e-5, *, process_group=None, axis=1,
-                           act="leaky_relu", act_param=0.01, inplace=True):
+                           act="leaky_relu", act_param=0.01, inplace=True, counter=None):
     """Training-mode `inplace_abn` with statistics over every rank of `process_group`, as
     `bnkit.functional.sync.sync_batch_norm` (the same call header, Chan merge of the ranks'
     statistics, one all-reduce of (sum_dz, sum_dz_xmu) in the backward; weight/bias gradients
     stay local for DDP to reduce). Returns (y, global number of positions per channel).
-    Without an initialized process group it is `inplace_abn(training=True)`."""
+    `counter` advances with the running buffers, on every rank alike unless every rank's
+    batch is empty. Without an initialized process group it is `inplace_abn(training=True)`."""
     from ..kernels import reference
     from .sync import check_process_group, gather_stats, local_stats, shared_rejection
     from .sync_header import agree, call_header, header_device
 
     if not (dist.is_available() and dist.is_initialized()):
         y = inplace_abn(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                        axis=axis, act=act, act_param=act_param, inplace=inplace)
+                        axis=axis, act=act, act_param=act_param, inplace=inplace,
+                        counter=counter)
         return y, input.numel() // max(input.shape[axis], 1)
     check_process_group(process_group)
     group = dist.group.WORLD if process_group is None else process_group
@@ -355,6 +359,6 @@ def inplace_abn_sync_train(input, running_mean=None, running_var=None, weight=No
     invstd = inv_std(stats.var, eps)
     y = abn_apply(input, weight, bias, stats.mean, invstd, stats.count, axis, act, act_param,
                   True, inplace, group)
-    if running_mean is not None:
-        update_running(running_mean, running_var, stats.mean, stats.var, stats.count, momentum)
+    record_step(running_mean, running_var, stats.mean, stats.var, stats.count, momentum,
+                counter)
     return y, positions

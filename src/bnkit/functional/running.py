@@ -1,4 +1,11 @@
-"""Running-statistic update, in place, PyTorch's convention.
+"""Running-statistic update, in place, PyTorch's convention, and its one owner.
+
+`record_step` is the single place where a successful training call with running buffers
+leaves its trace: the batch statistics blended into running_mean/running_var and the
+layer's step counter (num_batches_tracked) advanced by one. Every layer of the family
+(BatchNorm*, BatchNormAct, Ghost, Renorm, Recurrent, Sync, InPlaceABN) and every
+functional entry point goes through it; no other module writes a running buffer or a
+step counter.
 
     running = (1 - momentum) * running + momentum * batch      (momentum 0.1 = Keras's 0.9)
 running_var receives the unbiased batch variance var * n / (n - 1). Modules turn
@@ -20,6 +27,34 @@ import warnings
 import torch
 
 from .checks import check_writable_one
+
+
+def record_step(running_mean, running_var, mean, var, count, momentum, counter,
+                blended: bool = False) -> None:
+    """What a successful training call with running buffers leaves behind, in one place.
+
+    Blends the batch statistics (mean, biased var: (C,); count: positions per channel) into
+    running_mean/running_var (`update_running`) unless `blended` says a kernel already did,
+    in this module's arithmetic (the C++ backend blends inside its statistics pass; pass
+    None statistics then), and advances `counter` (the layer's num_batches_tracked or one
+    row of it, an int64 tensor; or None) by one. Call it after the output exists, so a
+    failed call changes nothing. Without running buffers only the counter moves.
+    """
+    if running_mean is not None and not blended:
+        update_running(running_mean, running_var, mean, var, count, momentum)
+    if counter is not None:
+        advance(counter)
+
+
+def advance(counter) -> None:
+    """counter + 1 in place (`record_step`); under torch.func transforms below their
+    levels, like the buffers' blend (only jvp gets this far: vmap and grad refuse the blend
+    first)."""
+    if _transformed():
+        with torch._C._DisableFuncTorch():
+            counter.add_(1)
+    else:
+        counter.add_(1)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum):

@@ -29,7 +29,7 @@ from ..kernels import reference
 from .backward import grad_affine, padding_safe
 from .checks import validate_call
 from .normalize import inv_std
-from .running import update_running
+from .running import record_step
 from .stats import Stats, mask_view, merge_many
 from .sync_header import agree, call_header, header_device, rejected_header
 
@@ -193,14 +193,17 @@ def _agree_on_call(x, axis, running_mean, eps, momentum, group) -> None:
 
 
 def sync_batch_norm_train(input, running_mean=None, running_var=None, weight=None, bias=None,
-                          momentum=0.1, eps=1e-5, *, process_group=None, axis=1, mask=None):
+                          momentum=0.1, eps=1e-5, *, process_group=None, axis=1, mask=None,
+                          counter=None):
     """`sync_batch_norm` that also returns the global number of positions per channel (an int,
-    equal on every rank; 0 when every rank's batch is empty). -> (y, positions)."""
+    equal on every rank; 0 when every rank's batch is empty). -> (y, positions). `counter`
+    (a layer's num_batches_tracked, or None) advances with the running buffers
+    (`running.record_step`): on every rank alike, unless every rank's batch is empty."""
     if not (dist.is_available() and dist.is_initialized()):
-        from . import batch_norm  # at call time: no import cycle with __init__
+        from . import counted_batch_norm  # at call time: no import cycle with __init__
 
-        y = batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                       axis=axis, mask=mask)
+        y = counted_batch_norm(input, running_mean, running_var, weight, bias, True, momentum,
+                               eps, axis, mask, "identity", counter)
         return y, input.numel() // max(input.shape[axis], 1)
     check_process_group(process_group)
     group = dist.group.WORLD if process_group is None else process_group
@@ -212,8 +215,8 @@ def sync_batch_norm_train(input, running_mean=None, running_var=None, weight=Non
         mask = mask_view(mask, input.dim(), axis)
     y, mean, var, count, positions = SyncBatchNormFunction.apply(input, weight, bias, mask, eps,
                                                                  axis, group)
-    if running_mean is not None and int(count) > 1:
-        update_running(running_mean, running_var, mean, var, count, momentum)
+    if int(count) > 1:  # 0 or 1: every rank's batch is empty (the count check raised on 1)
+        record_step(running_mean, running_var, mean, var, count, momentum, counter)
     return y, int(positions)
 
 

@@ -8,8 +8,8 @@ runs with no Python at all. Results equal the 'cpu' backend's Python path bit fo
 the same C++ functions run. It is there iff the 'cpu' backend is (importing this module
 raises ImportError otherwise); `bnkit.kernels.use_native(False)` turns it off.
 
-`call(x, weight, bias, running_mean, running_var, counter, training, eps, momentum,
-update, relu, axis) -> (y, stats)`: the core validates the call first
+`call(x, weight, bias, running_mean, running_var, training, eps, momentum, update, relu,
+axis) -> (y, stats)`: the core validates the call first
 (bnkit.functional.checks); the node still declines, touching nothing and returning
 (None, None), what its kernels cannot run in place (a non-dense or non-float32/64 input,
 parameters or buffers of another dtype or device, inference-mode buffers, buffers that

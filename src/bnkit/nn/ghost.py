@@ -5,7 +5,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from ..functional import update_running
+from ..functional import record_step
 from ..functional.autograd import bn_apply
 from ..functional.checks import validate_call
 from ..functional.export import refuse_trace
@@ -94,10 +94,8 @@ class GhostBatchNorm(NormBase, _BatchNorm):
         sizes = chunk_sizes(input.shape[0], self.virtual_batch_size)
         _check_chunk_counts(input, mask, sizes, axis)
         y, merged = self._normalize_chunks(input, mask, sizes, axis)
-        if rm is not None:
-            update_running(rm, rv, merged.mean, merged.var, merged.count, momentum)
-        if step:
-            self.num_batches_tracked.add_(1)
+        record_step(rm, rv, merged.mean, merged.var, merged.count, momentum,
+                    self.num_batches_tracked if step else None)
         return y
 
     def _full_mask(self, x, mask, axis):

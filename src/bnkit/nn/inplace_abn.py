@@ -87,19 +87,15 @@ class InPlaceABN(BatchNormAct):
             check_on_every_rank(self._check_input_dim, input, group)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
+        counter = self.num_batches_tracked if step else None
         if group is None:
-            y = inplace_abn(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
-                            momentum, self.eps, axis=self.axis, act=self.activation,
-                            act_param=self.act_param, inplace=self.inplace)
-            positions = y.numel()
-        else:
-            y, positions = inplace_abn_sync_train(
-                input, rm, rv, self.weight, self.bias, momentum, self.eps, process_group=group,
-                axis=self.axis, act=self.activation, act_param=self.act_param,
-                inplace=self.inplace)
-        if step and positions > 0:
-            self.num_batches_tracked.add_(1)
-        return y
+            return inplace_abn(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
+                               momentum, self.eps, axis=self.axis, act=self.activation,
+                               act_param=self.act_param, inplace=self.inplace, counter=counter)
+        return inplace_abn_sync_train(
+            input, rm, rv, self.weight, self.bias, momentum, self.eps, process_group=group,
+            axis=self.axis, act=self.activation, act_param=self.act_param,
+            inplace=self.inplace, counter=counter)[0]
 
     def _sync_group(self):
         """The group to synchronize over now: none (InPlaceABNSync overrides this)."""

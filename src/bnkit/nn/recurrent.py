@@ -72,11 +72,10 @@ class RecurrentBatchNorm(NormBase, _BatchNorm):
         momentum, step = self._momentum_and_step_at(s)
         rm, rv = self._running_buffers()
         rm, rv = (None, None) if rm is None else (rm[s], rv[s])  # (C,) views, updated in place
-        y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
-                         momentum, self.eps, axis=self.axis, mask=mask)
-        if step and input.numel() > 0:
-            self.num_batches_tracked[s] += 1
-        return y
+        counter = self.num_batches_tracked[s] if step else None  # a view: row s counts
+        return F.counted_batch_norm(input, rm, rv, self.weight, self.bias,
+                                    self._uses_batch_stats(), momentum, self.eps, self.axis,
+                                    mask, "identity", counter)
 
     def _slot(self, t) -> int:
         """The statistics row of time step t: min(t, max_steps - 1)."""

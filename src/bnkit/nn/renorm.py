@@ -123,11 +123,9 @@ class BatchRenorm(NormBase, _BatchNorm):
         weight, bias = self.weight, self.bias
         if training and rm is not None:
             weight, bias = self._effective_affine(input, mask, rm, rv)
-        y = F.batch_norm(input, rm, rv, weight, bias, training, momentum, self.eps,
-                         axis=self.axis, mask=mask)
-        if step and input.numel() > 0:
-            self.num_batches_tracked.add_(1)
-        return y
+        counter = self.num_batches_tracked if step else None
+        return F.counted_batch_norm(input, rm, rv, weight, bias, training, momentum, self.eps,
+                                    self.axis, mask, "identity", counter)
 
     def _effective_affine(self, x, mask, rm, rv):
         """(weight * r, bias + weight * d), r and d (C,) detached, from one stats pass."""

@@ -6,7 +6,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import functional as F
 from ..functional.sync import check_on_every_rank, check_process_group, sync_batch_norm_train
 from .act import tail_modules
 from .base import NormBase
@@ -83,19 +82,14 @@ class SyncBatchNorm(NormBase, _BatchNorm):
             return self._scripted(input)
         group = self._sync_group()
         check_on_every_rank(self._check_input_dim, input, group)
+        if group is None:
+            return self._batch_norm(input, mask)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
-        if group is None:
-            y = F.batch_norm(input, rm, rv, self.weight, self.bias, self._uses_batch_stats(),
-                             momentum, self.eps, axis=self.axis, mask=mask)
-            positions = input.numel()
-        else:  # positions: global, so every rank advances the counter alike
-            y, positions = sync_batch_norm_train(input, rm, rv, self.weight, self.bias, momentum,
-                                                 self.eps, process_group=group, axis=self.axis,
-                                                 mask=mask)
-        if step and positions > 0:
-            self.num_batches_tracked.add_(1)
-        return y
+        counter = self.num_batches_tracked if step else None  # advanced on every rank alike
+        return sync_batch_norm_train(input, rm, rv, self.weight, self.bias, momentum, self.eps,
+                                     process_group=group, axis=self.axis, mask=mask,
+                                     counter=counter)[0]
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
