@@ -15,7 +15,7 @@ C = 3
 def _family():
     """name -> (layer factory taking momentum, call(layer, x), row of the buffers it updates:
     None for the whole (C,) buffer)."""
-    plain = lambda m, x: m(x)  # noqa: E731
+    plain = lambda m, x: m(x)
     return {
         "BatchNorm2d": (lambda mom: bnn.BatchNorm2d(C, momentum=mom, dtype=D), plain, None),
         "BatchNormAct": (lambda mom: bnn.BatchNormAct(C, act="relu", momentum=mom, dtype=D),
