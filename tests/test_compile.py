@@ -16,9 +16,9 @@ from torch import nn
 import bnkit.nn as bnn
 
 
-def small_model():
+def small_model(norm=lambda c: bnn.BatchNorm2d(c)):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bnn.BatchNorm2d(4), nn.ReLU(),
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.ReLU(),
                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
 
 
@@ -33,9 +33,9 @@ def assert_state_close(a, b, atol, rtol):
         torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=rtol, msg=k)
 
 
-def run_against_eager(backend, atol, rtol):
+def run_against_eager(backend, atol, rtol, norm=lambda c: bnn.BatchNorm2d(c)):
     torch._dynamo.reset()
-    eager = small_model()
+    eager = small_model(norm)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
     g = torch.Generator().manual_seed(1)
@@ -63,6 +63,15 @@ def run_against_eager(backend, atol, rtol):
 
 def test_compile_fullgraph_aot_eager_matches_eager():
     run_against_eager("aot_eager", atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["leaky_relu", "elu", "identity"])
+def test_compiled_inplace_abn_matches_eager(act):
+    """InPlaceABN compiles as BN + activation through the core (the compiler decides what
+    the backward keeps): outputs, gradients, running statistics and the step count equal
+    eager InPlaceABN's, which keeps only y, to float32 rounding."""
+    run_against_eager("aot_eager", atol=1e-5, rtol=1e-5,
+                      norm=lambda c: bnn.InPlaceABN(c, act=act, act_param=0.5))
 
 
 @pytest.mark.slow

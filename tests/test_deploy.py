@@ -38,7 +38,9 @@ def _layers():
             ("frozen", 4, lambda: bnn.FrozenBatchNorm(C)),
             ("ghost", 4, lambda: bnn.GhostBatchNorm(C, virtual_batch_size=4)),
             ("renorm", 4, lambda: bnn.BatchRenorm(C, momentum=0.3)),
-            ("sync", 4, lambda: bnn.SyncBatchNorm(C))]
+            ("sync", 4, lambda: bnn.SyncBatchNorm(C)),
+            ("inplace-abn", 4, lambda: bnn.InPlaceABN(C)),
+            ("inplace-abn-elu", 4, lambda: bnn.InPlaceABN(C, act="elu", act_param=1.0))]
 
 
 LAYERS = _layers()

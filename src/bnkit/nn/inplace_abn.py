@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..functional.export import lowering
 from ..functional.inplace_abn import check_invertible, inplace_abn, inplace_abn_sync_train
+from ..functional.sync import check_on_every_rank
 from .act import BatchNormAct
 
 _MODULES = {"leaky_relu": lambda p: nn.LeakyReLU(p), "elu": lambda p: nn.ELU(p),
@@ -79,12 +81,12 @@ class InPlaceABN(BatchNormAct):
         if torch.jit.is_scripting():  # TorchScript compiles only this (nn/export.py)
             return self.act(self._scripted(input))
         group = self._sync_group()
-        if group is None:
-            self._check_input_dim(input)
-        else:  # a rejected input makes the peers raise too, instead of waiting
-            from ..functional.sync import check_on_every_rank
-
-            check_on_every_rank(self._check_input_dim, input, group)
+        if group is None and (lowering() or torch.compiler.is_compiling()):
+            # a graph being recorded: BN + activation through the core, which lowers to
+            # standard ops (export, trace) or compiles (its custom op); same values, and the
+            # compiler decides what the backward keeps
+            return self.act(self._batch_norm(input))
+        check_on_every_rank(self._check_input_dim, input, group)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
         counter = self.num_batches_tracked if step else None
