@@ -95,13 +95,17 @@ def assert_pairs(pairs, tol=1e-10):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    """The sums are checked once on the reference primitives (the compiled backends are
-    tested equal to them in their own files) and once on the automatic choice (below)."""
+BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in bnkit.available_backends(), reason="the cpu backend needs bnkit._C"))]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request):
+    """Every test on each backend that runs CPU tensors: 'reference' (the inversion in torch
+    operations over the primitives) and 'cpu' (the C++ kernels bnkit_cpu::abn_*)."""
     before = kernels.get_backend()
-    kernels.set_backend("reference")
-    yield
+    kernels.set_backend(request.param)
+    yield request.param
     kernels.set_backend(before)
 
 
@@ -129,9 +133,30 @@ def test_cumulative_momentum_and_channels_last():
     assert_pairs(run_pair((3, 3, 5, 4), -1, "leaky_relu", 0.01, momentum=None, steps=3))
 
 
-def test_automatic_backend_matches_too():
-    kernels.set_backend("auto")
-    assert_pairs(run_pair((4, 6, 5, 3), 1, "leaky_relu", 0.1))
+def test_cpu_backend_runs_its_kernels(backend, monkeypatch):
+    """On 'cpu' the forward and the backward run the C++ operators (none declines); with a
+    near-zero weight the forward still does, and the backward takes the torch path, which
+    reads those channels' saved input."""
+    if backend != "cpu":
+        pytest.skip("checks the cpu backend's kernels")
+    from bnkit.kernels import cpu
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kw):
+            out = fn(*args, **kw)
+            calls.append((name, out is not None))
+            return out
+        return wrapped
+
+    for name in ("abn_forward", "abn_backward_reduce", "abn_backward_elemt"):
+        monkeypatch.setattr(cpu, name, spy(name, getattr(cpu, name)))
+    assert_pairs(run_pair((4, 6, 5, 3), 1, "leaky_relu", 0.1, steps=1))
+    assert calls == [("abn_forward", True), ("abn_backward_reduce", True),
+                     ("abn_backward_elemt", True)]
+    calls.clear()
+    assert_pairs(run_pair((4, 6, 5, 3), 1, "elu", 0.5, near_zero=True, steps=1))
+    assert calls == [("abn_forward", True)]
 
 
 @pytest.mark.parametrize("act,p", ACTS)
@@ -498,9 +523,9 @@ def _layer(cls):
     return abn
 
 
-def sync_worker(rank, store, out_dir):
+def sync_worker(rank, store, out_dir, backend):
     torch.set_num_threads(1)
-    kernels.set_backend("reference")
+    kernels.set_backend(backend)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=20))
     abn = _layer(InPlaceABNSync)
@@ -534,9 +559,10 @@ def sync_worker(rank, store, out_dir):
     dist.destroy_process_group()
 
 
-def test_sync_two_ranks_equal_single_process(tmp_path):
+def test_sync_two_ranks_equal_single_process(tmp_path, backend):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=sync_worker, args=(r, str(tmp_path / "store"), str(tmp_path)))
+    procs = [ctx.Process(target=sync_worker, args=(r, str(tmp_path / "store"), str(tmp_path),
+                                                   backend))
              for r in range(WORLD)]
     for p in procs:
         p.start()

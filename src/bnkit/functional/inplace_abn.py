@@ -21,6 +21,8 @@ z <= 0 to 0, so z, and with it x, cannot be recovered.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -31,7 +33,7 @@ from . import checks
 from .backward import grad_affine
 from .normalize import affine_coeffs, inv_std, normalize
 from .running import update_running
-from .stats import acc_dtype, channel_view, compute_dtype
+from .stats import Stats, acc_dtype, channel_view, compute_dtype
 
 __all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
 
@@ -163,57 +165,150 @@ def _write_output(x, mean, invstd, weight, bias, axis, act, p, overwrite: bool):
     return x.copy_(y) if overwrite else y
 
 
+class AbnCall(NamedTuple):
+    """One call's settings, handed to the Function as one argument. `momentum` is None when
+    the running buffers are not updated; `stats` are given statistics (the sync variant's
+    global ones) or None (the batch's in training, the running buffers in eval); `group` is
+    None (local) or the process group whose ranks all-reduce the backward sums."""
+
+    axis: int
+    act: str
+    p: float
+    training: bool
+    inplace: bool
+    eps: float
+    momentum: float | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    stats: Stats | None = None
+    group: object = None
+
+
+def _statistics(backend, x, call: AbnCall) -> Stats:
+    """The statistics the call normalizes with (count, mean, biased var)."""
+    if call.stats is not None:
+        return call.stats
+    if call.training:
+        return backend.batch_stats(x, call.axis)
+    adt = acc_dtype(x.dtype)  # copies: the buffers may change before the backward reads them
+    return Stats(torch.tensor(2.0, dtype=adt, device=x.device),
+                 call.running_mean.to(adt, copy=True), call.running_var.to(adt, copy=True))
+
+
+def forward_step(backend, x, weight, bias, call: AbnCall, overwrite: bool):
+    """Statistics, y = f(BN(x)) (into x's storage when `overwrite`, else a new tensor) and
+    the running-buffer update -> (y, mean, invstd, count). The backend's one-call
+    `abn_forward` runs it when it has one and takes the input (the 'cpu' backend: one C++
+    call, blend included); otherwise its `batch_stats` and the elementwise step in torch
+    operations (`_write_output`), then `update_running`."""
+    op = getattr(backend, "abn_forward", None)
+    if op is not None:
+        y = x if overwrite else torch.empty_like(x)
+        given = None if call.stats is None else (call.stats.mean, call.stats.var)
+        done = op(x, y, weight, bias, call.running_mean, call.running_var, given, call.training,
+                  call.eps, call.axis, call.act, call.p, call.momentum)
+        if done is not None:
+            mean, var, invstd, blended = done
+            if call.stats is not None:
+                count = call.stats.count
+            else:
+                count = torch.tensor(x.numel() // x.shape[call.axis] if call.training else 2.0,
+                                     dtype=mean.dtype, device=x.device)
+            if call.momentum is not None and not blended:
+                update_running(call.running_mean, call.running_var, mean, var, count,
+                               call.momentum)
+            return y, mean, invstd, count
+    count, mean, var = _statistics(backend, x, call)
+    invstd = inv_std(var, call.eps)
+    y = _write_output(x, mean, invstd, weight, bias, call.axis, call.act, call.p, overwrite)
+    if call.momentum is not None:
+        update_running(call.running_mean, call.running_var, mean, var, count, call.momentum)
+    return y, mean, invstd, count
+
+
 class InPlaceABNFunction(torch.autograd.Function):
-    """(x, weight, bias, mean, invstd, count, ...) -> y = f(BN(x)), saving y (+ per-channel
-    tensors, + the near-zero-scale channels of x). mean, invstd, count are the statistics the
-    call normalizes with (batch or running, local or global); they carry no gradient, the
-    training backward accounts for their dependence on x. `group` is None (local) or the
-    process group whose ranks all-reduce the backward sums."""
+    """(x, weight, bias, call) -> y = f(BN(x)), saving y (+ per-channel tensors, + the
+    near-zero-scale channels of x). The statistics (batch or running, local or global) carry
+    no gradient; the training backward accounts for their dependence on x. One Function for
+    every backend: the forward runs `forward_step` on the selected backend, the backward the
+    backend's `abn_backward_reduce` / `abn_backward_elemt` when it has them and no channel
+    is near zero, else the inversion in torch operations and the backend's primitives."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, args):
-        axis, act, p, _, inplace, _ = args
+    def forward(ctx, x, weight, bias, call):
         small = near_zero_scale(weight, bias)
         idx = None if small is None or not bool(small.any()) else small.nonzero().flatten()
-        x_small = None if idx is None else x.detach().index_select(axis, idx)
-        overwrite = inplace and can_overwrite(x)
-        y = _write_output(x.detach() if not overwrite else x, mean, invstd, weight, bias, axis,
-                          act, p, overwrite)
+        x_small = None if idx is None else x.detach().index_select(call.axis, idx)
+        overwrite = call.inplace and can_overwrite(x)
+        backend = kernels.select(x, call.axis, None)
+        y, mean, invstd, count = forward_step(backend, x.detach(), weight, bias, call,
+                                              overwrite)
         if overwrite:
             ctx.mark_dirty(x)
             y = x
         ctx.save_for_backward(y, weight, bias, mean, invstd, count, idx, x_small)
-        ctx.args = args
+        ctx.call = call
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         y, weight, bias, mean, invstd, count, idx, x_small = ctx.saved_tensors
-        axis, act, p, training, _, group = ctx.args
-        cdt, out_dtype = compute_dtype(y.dtype), dy.dtype  # half: invert in float32
-        z, dz = invert(y.to(cdt), dy.to(cdt), act, p)
-        xmu = centred_input(z, weight, bias, invstd, axis)
-        if idx is not None:  # the channels saved as input: x - mu directly
-            rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
-                                                        axis)
-            xmu = xmu.index_copy(axis, idx, rows)
-        zero = torch.zeros_like(mean)
-        backend = kernels.select(xmu, axis, None)
-        sum_dz, sum_dz_xmu = backend.backward_reduce(dz, xmu, zero, axis)
-        g_dz, g_dz_xmu = sum_dz, sum_dz_xmu
-        if group is not None and training:
-            both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
-            dist.all_reduce(both, group=group)
-            g_dz, g_dz_xmu = both.split(sum_dz.shape[0])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
-                                        axis, None, training).to(out_dtype)
+        call = ctx.call
+        backend = kernels.select(y, call.axis, None)
+        sums = None
+        if idx is None and hasattr(backend, "abn_backward_reduce"):
+            sums = backend.abn_backward_reduce(dy, y, weight, bias, invstd, call.axis, call.act,
+                                               call.p)
+        if sums is not None:
+            sum_dz, sum_dz_xmu = sums
+            g_dz, g_dz_xmu = _all_reduced(sum_dz, sum_dz_xmu, call)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = backend.abn_backward_elemt(dy, y, weight, bias, invstd, g_dz, g_dz_xmu,
+                                                count, call.axis, call.act, call.p,
+                                                call.training)
+        else:
+            dx, sum_dz, sum_dz_xmu = _torch_backward(
+                backend, dy, y, weight, bias, mean, invstd, count, idx, x_small, call,
+                ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.to(dy.dtype)
         dweight, dbias = grad_affine(sum_dz, sum_dz_xmu, invstd)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None
+
+
+def _all_reduced(sum_dz, sum_dz_xmu, call: AbnCall):
+    """The sums over every rank of the sync variant's group (training); else as they are."""
+    if call.group is None or not call.training:
+        return sum_dz, sum_dz_xmu
+    both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
+    dist.all_reduce(both, group=call.group)
+    return both.split(sum_dz.shape[0])
+
+
+def _torch_backward(backend, dy, y, weight, bias, mean, invstd, count, idx, x_small,
+                    call: AbnCall, need_dx: bool):
+    """The backward in torch operations -> (dx or None, sum_dz, sum_dz_xmu): invert the
+    activation and the affine map, take the near-zero channels' x - mu from their saved
+    input, then the backend's `backward_reduce` / `backward_elemt`."""
+    axis = call.axis
+    cdt = compute_dtype(y.dtype)  # half: invert in float32
+    z, dz = invert(y.to(cdt), dy.to(cdt), call.act, call.p)
+    xmu = centred_input(z, weight, bias, invstd, axis)
+    if idx is not None:  # the channels saved as input: x - mu directly
+        rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
+                                                    axis)
+        xmu = xmu.index_copy(axis, idx, rows)
+    zero = torch.zeros_like(mean)
+    sum_dz, sum_dz_xmu = backend.backward_reduce(dz, xmu, zero, axis)
+    g_dz, g_dz_xmu = _all_reduced(sum_dz, sum_dz_xmu, call)
+    dx = None
+    if need_dx:
+        dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
+                                    axis, None, call.training)
+    return dx, sum_dz, sum_dz_xmu
 
 
 def centred_input(z, weight, bias, invstd, axis):
@@ -241,17 +336,14 @@ def validate(x, running_mean, running_var, weight, bias, training, momentum, eps
     return axis
 
 
-def abn_apply(x, weight, bias, mean, invstd, count, axis, act, act_param, training, inplace,
-              group=None):
-    """Run the Function when a gradient is needed, else the elementwise step alone (which
-    then never overwrites: without autograd there is no saved tensor to spare)."""
-    p = float(act_param)
+def abn_apply(x, weight, bias, call: AbnCall):
+    """Run the Function when a gradient is needed, else the forward step alone (which then
+    never overwrites: without autograd there is no saved tensor to spare)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs_grad:
-        return _write_output(x, mean, invstd, weight, bias, axis, act, p, False)
-    return InPlaceABNFunction.apply(x, weight, bias, mean, invstd, count,
-                                    (axis, act, p, training, inplace, group))
+        return forward_step(kernels.select(x, call.axis, None), x, weight, bias, call, False)[0]
+    return InPlaceABNFunction.apply(x, weight, bias, call)
 
 
 def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -295,18 +387,9 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         zeros = torch.zeros(c, dtype=torch.float64, device=input.device)
         y = normalize(input, zeros, torch.ones_like(zeros), weight, bias, axis)
         return apply_invertible(y, act, float(act_param), inplace=False)
-    with torch.no_grad():
-        if training:
-            n, mean, var = kernels.select(input, axis, None).batch_stats(input, axis)
-        else:  # copies: the buffers may change before the backward reads them
-            adt = acc_dtype(input.dtype)
-            n = torch.tensor(2.0, dtype=adt, device=input.device)
-            mean, var = running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
-        invstd = inv_std(var, eps)
-    y = abn_apply(input, weight, bias, mean, invstd, n, axis, act, act_param, training, inplace)
-    if update:
-        update_running(running_mean, running_var, mean, var, n, momentum)
-    return y
+    call = AbnCall(axis, act, float(act_param), training, inplace, float(eps),
+                   float(momentum) if update else None, running_mean, running_var)
+    return abn_apply(input, weight, bias, call)
 
 
 def _collective(op, tensors, group, what: str) -> None:
@@ -352,9 +435,8 @@ def inplace_abn_sync_train(input, running_mean=None, running_var=None, weight=No
                            act=act, act_param=act_param, inplace=inplace), 0
     if running_mean is not None:
         checks.check_writable(running_mean, running_var)
-    invstd = inv_std(stats.var, eps)
-    y = abn_apply(input, weight, bias, stats.mean, invstd, stats.count, axis, act, act_param,
-                  True, inplace, group)
-    if running_mean is not None:
-        update_running(running_mean, running_var, stats.mean, stats.var, stats.count, momentum)
+    call = AbnCall(axis, act, float(act_param), True, inplace, float(eps),
+                   None if running_mean is None else float(momentum), running_mean,
+                   running_var, stats, group)
+    y = abn_apply(input, weight, bias, call)
     return y, positions
