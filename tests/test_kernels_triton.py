@@ -323,6 +323,14 @@ _COMPILE = [  # (kernel, pointer dtypes, constexprs): one per kernel, the widest
                             "vec_ptr": "*fp32", "out_ptr": "*fp16"},
      {"CL": True, "OP": 2, "ACT": 2, "CORR": True, "HAS_MASK": True, "BLOCK_R": 64,
       "BLOCK_K": 64}),
+    ("abn_forward_kernel", {"x_ptr": "*fp16", "out_ptr": "*fp16", "vec_ptr": "*fp32"},
+     {"CL": False, "ACT": 2, "BLOCK_R": 4, "BLOCK_K": 1024}),
+    ("abn_reduce_kernel", {"y_ptr": "*bf16", "dy_ptr": "*bf16", "vec_ptr": "*fp32",
+                           "part_ptr": "*fp32"},
+     {"CL": True, "ACT": 2, "BLOCK_R": 64, "BLOCK_K": 64}),
+    ("abn_dx_kernel", {"y_ptr": "*fp64", "dy_ptr": "*fp64", "vec_ptr": "*fp64",
+                       "out_ptr": "*fp64"},
+     {"CL": False, "ACT": 1, "CORR": True, "BLOCK_R": 4, "BLOCK_K": 1024}),
 ]
 
 

@@ -35,7 +35,8 @@ from .normalize import affine_coeffs, inv_std, normalize
 from .running import update_running
 from .stats import Stats, acc_dtype, channel_view, compute_dtype
 
-__all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
+__all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "inverse_coeffs",
+           "near_zero_scale"]
 
 INVERTIBLE = ("leaky_relu", "elu", "identity")
 # |w| below |b| / NEAR_ZERO_RATIO loses over log2(ratio) bits of x - mu in the inversion
@@ -311,19 +312,26 @@ def _torch_backward(backend, dy, y, weight, bias, mean, invstd, count, idx, x_sm
     return dx, sum_dz, sum_dz_xmu
 
 
+def inverse_coeffs(invstd, weight, bias, cdtype):
+    """Per-channel (r, h), each (C,) in `cdtype`, of x - mu = z r + h: r = 1 / (w s), 0 where
+    w s = 0 (those channels' x - mu comes from their saved input), h = -b r; computed in
+    invstd's dtype and rounded once (the kernels use the same coefficients)."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    r = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    h = torch.zeros_like(r) if bias is None else -bias.to(r.dtype) * r
+    return r.to(cdtype), h.to(cdtype)
+
+
 def centred_input(z, weight, bias, invstd, axis):
-    """x - mu = (z - b) / (w s) = z r - b r with r = 1 / (w s), one pass, in z's compute
+    """x - mu = (z - b) / (w s) = z r + h (`inverse_coeffs`), one pass, in z's compute
     dtype; channels with w = 0 give 0 here and are overwritten from the saved input by the
     caller."""
     cdt = compute_dtype(z.dtype)
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    r = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    r, h = inverse_coeffs(invstd, weight, bias, cdt)
     nd = z.dim()
     if bias is None:
-        return z.to(cdt) * channel_view(r.to(cdt), nd, axis)
-    shift = -bias.to(r.dtype) * r
-    return torch.addcmul(channel_view(shift.to(cdt), nd, axis), z.to(cdt),
-                         channel_view(r.to(cdt), nd, axis))
+        return z.to(cdt) * channel_view(r, nd, axis)
+    return torch.addcmul(channel_view(h, nd, axis), z.to(cdt), channel_view(r, nd, axis))
 
 
 def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, act,
