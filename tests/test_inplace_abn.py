@@ -16,7 +16,7 @@ from torch import nn
 
 import bnkit
 from bnkit import kernels
-from bnkit.bench.memory import memory_report, resnet_style
+from bnkit.bench.memory import MemoryRow, format_report, memory_report, resnet_style
 from bnkit.errors import BNShapeError, BNValueError
 from bnkit.functional.inplace_abn import inplace_abn
 from bnkit.nn import BatchNormAct, InPlaceABN, InPlaceABNSync, load_inplace_abn_state_dict
@@ -360,6 +360,51 @@ def test_failed_call_leaves_state_and_input_untouched():
     assert torch.equal(h.detach(), keep)
 
 
+def _bad_calls():
+    """(name, call) pairs that must raise before anything runs, and the running buffers
+    they were given."""
+    x = torch.randn(4, 3, 5, requires_grad=True) * 1
+    rm, rv = torch.zeros(3), torch.ones(3)  # never changed: every call below fails
+
+    def call(**kw):
+        args = {"input": x, "running_mean": rm, "running_var": rv, "weight": torch.ones(3),
+                "bias": torch.zeros(3), "training": True, "momentum": 0.1, "eps": 1e-5}
+        args.update(kw)
+        return lambda: inplace_abn(**args)
+
+    return (rm, rv), [("channels", call(input=torch.randn(4, 5, 2) * 1)),
+        ("one value", call(input=torch.randn(1, 3) * 1)),
+        ("weight shape", call(weight=torch.ones(4))),
+        ("eps", call(eps=-1.0)), ("momentum", call(momentum=1.5)),
+        ("relu", call(act="relu")), ("slope", call(act_param=0.0)),
+        ("dtype", call(input=torch.ones(4, 3, 5, dtype=torch.int64))),
+        ("axis", call(axis=3)), ("inference buffer", call(running_var=_inference_ones(3))),
+        ("eval without buffers", call(training=False, running_mean=None, running_var=None))]
+
+
+def _inference_ones(c):
+    with torch.inference_mode():
+        return torch.ones(c)
+
+
+def test_errors_are_the_same_on_every_backend():
+    """Validation runs in Python before any kernel: each bad call raises the same error on
+    every backend and leaves the buffers untouched."""
+    seen = {}
+    for name in bnkit.available_backends():
+        if name == "triton":
+            continue
+        kernels.set_backend(name)
+        (rm, rv), calls = _bad_calls()
+        for what, fn in calls:
+            with pytest.raises((ValueError, TypeError, RuntimeError)) as err:
+                fn()
+            seen.setdefault(what, set()).add((type(err.value), str(err.value)))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert len(seen) == len(calls)
+    assert all(len(v) == 1 for v in seen.values()), seen
+
+
 def test_empty_batch_changes_nothing():
     abn = InPlaceABN(3)
     y = abn(torch.empty(0, 3, 4))
@@ -498,6 +543,16 @@ def test_resnet_style_saves_over_35_percent_less_than_bn_leaky_relu():
     by = {r.variant: r.saved_bytes for r in rows}
     assert by["InPlaceABN"] <= 0.65 * by["torch BN + LeakyReLU"]
     assert by["InPlaceABN"] < by["torch BN + LeakyReLU_"] < by["torch BN + LeakyReLU"]
+
+
+def test_memory_table_gives_ratios_to_torch_and_to_batchnormact():
+    rows = [MemoryRow("torch BN + LeakyReLU", 4 << 20, 0.200),
+            MemoryRow("bnkit BatchNormAct", 4 << 20, 0.160),
+            MemoryRow("InPlaceABN", 1 << 20, 0.176)]
+    lines = format_report(rows).splitlines()
+    assert lines[0].split()[-1] == "BNAct"
+    assert lines[3].split()[-5:] == ["1.00", "0.250", "176.0", "0.880", "1.100"]
+    assert "BNAct" not in format_report(rows[:1])
 
 
 # ----------------------------------------------------------------------------- sync
