@@ -7,17 +7,23 @@ y is written into x's storage when that is safe (`can_overwrite`) and y is the o
 full-size tensor saved. The backward recovers, from y alone (derivation in docs/math.md,
 section "In-place activated BN"):
     z = f^-1(y),   dz = dy f'(z) (f' read from y),   x - mu = (z - b) / (w s)
-and then runs the core's own reduce and elementwise steps (the selected backend's
-`backward_reduce` / `backward_elemt`, as sync BN does) on the recovered centred input:
+and then the core's own reduce and elementwise steps on the recovered centred input:
     sum_dz = sum dz,  sum_dz_xmu = sum dz (x - mu),  db = sum_dz,  dw = s sum_dz_xmu
     dx = w s (dz - sum_dz/n - (x - mu) s^2 sum_dz_xmu / n)       (training; eval: w s dz)
 Sync BN all-reduces (sum_dz, sum_dz_xmu) between the two steps, as `sync.py` does.
 
+One autograd Function runs on every backend: a backend with InPlaceABN kernels (`cpu`,
+`triton`: `abn_forward`, `abn_backward_reduce`, `abn_backward_elemt`) runs the forward in one
+call (statistics, the write, the running blend on `cpu`) and the backward in two passes over
+(y, dy); any other (`reference`), or an input the kernels decline, runs the same steps in
+torch operations over the backend's primitives (`backward_reduce` / `backward_elemt`).
+
 Channels whose scale w is near zero relative to b (`near_zero_scale`) cannot be recovered
 from y to the output's precision (at w = 0, y = f(b) holds no trace of x): for them alone the
 input is saved as well (a copy of those channels), so the layer stays exact BN + activation
-for every w, with the memory saving on all other channels. ReLU is refused: it maps every
-z <= 0 to 0, so z, and with it x, cannot be recovered.
+for every w, with the memory saving on all other channels; the backward of a call with such
+channels runs in torch operations (the kernels recover x - mu from y for every channel).
+ReLU is refused: it maps every z <= 0 to 0, so z, and with it x, cannot be recovered.
 """
 from __future__ import annotations
 
@@ -202,29 +208,37 @@ def forward_step(backend, x, weight, bias, call: AbnCall, overwrite: bool):
     `abn_forward` runs it when it has one and takes the input (the 'cpu' backend: one C++
     call, blend included); otherwise its `batch_stats` and the elementwise step in torch
     operations (`_write_output`), then `update_running`."""
-    op = getattr(backend, "abn_forward", None)
-    if op is not None:
-        y = x if overwrite else torch.empty_like(x)
-        given = None if call.stats is None else (call.stats.mean, call.stats.var)
-        done = op(x, y, weight, bias, call.running_mean, call.running_var, given, call.training,
-                  call.eps, call.axis, call.act, call.p, call.momentum)
-        if done is not None:
-            mean, var, invstd, blended = done
-            if call.stats is not None:
-                count = call.stats.count
-            else:
-                count = torch.tensor(x.numel() // x.shape[call.axis] if call.training else 2.0,
-                                     dtype=mean.dtype, device=x.device)
-            if call.momentum is not None and not blended:
-                update_running(call.running_mean, call.running_var, mean, var, count,
-                               call.momentum)
-            return y, mean, invstd, count
-    count, mean, var = _statistics(backend, x, call)
-    invstd = inv_std(var, call.eps)
-    y = _write_output(x, mean, invstd, weight, bias, call.axis, call.act, call.p, overwrite)
-    if call.momentum is not None:
+    done = _kernel_forward(backend, x, weight, bias, call, overwrite)
+    if done is None:
+        count, mean, var = _statistics(backend, x, call)
+        invstd = inv_std(var, call.eps)
+        y = _write_output(x, mean, invstd, weight, bias, call.axis, call.act, call.p, overwrite)
+        done = y, mean, var, invstd, count, False
+    y, mean, var, invstd, count, blended = done
+    if call.momentum is not None and not blended:
         update_running(call.running_mean, call.running_var, mean, var, count, call.momentum)
     return y, mean, invstd, count
+
+
+def _kernel_forward(backend, x, weight, bias, call: AbnCall, overwrite: bool):
+    """The backend's `abn_forward` -> (y, mean, var, invstd, count, blended), or None when it
+    has none or declines the input."""
+    op = getattr(backend, "abn_forward", None)
+    if op is None:
+        return None
+    y = x if overwrite else torch.empty_like(x)
+    given = None if call.stats is None else (call.stats.mean, call.stats.var)
+    done = op(x, y, weight, bias, call.running_mean, call.running_var, given, call.training,
+              call.eps, call.axis, call.act, call.p, call.momentum)
+    if done is None:
+        return None
+    mean, var, invstd, blended = done
+    if call.stats is not None:
+        count = call.stats.count
+    else:  # eval: a placeholder, as `_statistics` gives (the eval backward does not read it)
+        n = x.numel() // x.shape[call.axis] if call.training else 2.0
+        count = torch.tensor(n, dtype=mean.dtype, device=x.device)
+    return y, mean, var, invstd, count, blended
 
 
 class InPlaceABNFunction(torch.autograd.Function):
