@@ -405,6 +405,22 @@ def test_errors_are_the_same_on_every_backend():
     assert all(len(v) == 1 for v in seen.values()), seen
 
 
+def test_non_finite_channel_keeps_its_running_statistics_and_warns():
+    """A NaN in one channel: that channel's running statistics stay as they were (with the
+    core's warning), the others are blended, on every backend alike."""
+    abn = InPlaceABN(3)
+    x = torch.randn(4, 3, 5)
+    x[1, 1, 2] = float("nan")
+    want = nn.BatchNorm2d(3)  # the blend torch gives the finite channels
+    want.train()(x.unsqueeze(-1))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        abn(x)
+    assert abn.running_mean[1] == 0 and abn.running_var[1] == 1
+    for c in (0, 2):
+        torch.testing.assert_close(abn.running_mean[c], want.running_mean[c])
+        torch.testing.assert_close(abn.running_var[c], want.running_var[c])
+
+
 def test_empty_batch_changes_nothing():
     abn = InPlaceABN(3)
     y = abn(torch.empty(0, 3, 4))
