@@ -220,10 +220,19 @@ def forward_step(backend, x, weight, bias, call: AbnCall, overwrite: bool):
     return y, mean, invstd, count
 
 
+def _kernels_for(backend, name: str):
+    """The backend's InPlaceABN kernel `name`, or None: it has none, or torch.compile is
+    tracing the Function (the kernels write into their arguments, which the compiled graph's
+    functionalization does not take; the torch operations trace)."""
+    if torch.compiler.is_compiling():
+        return None
+    return getattr(backend, name, None)
+
+
 def _kernel_forward(backend, x, weight, bias, call: AbnCall, overwrite: bool):
     """The backend's `abn_forward` -> (y, mean, var, invstd, count, blended), or None when it
-    has none or declines the input."""
-    op = getattr(backend, "abn_forward", None)
+    has none, declines the input, or torch.compile is tracing (`_kernels_for`)."""
+    op = _kernels_for(backend, "abn_forward")
     if op is None:
         return None
     y = x if overwrite else torch.empty_like(x)
@@ -272,9 +281,9 @@ class InPlaceABNFunction(torch.autograd.Function):
         call = ctx.call
         backend = kernels.select(y, call.axis, None)
         sums = None
-        if idx is None and hasattr(backend, "abn_backward_reduce"):
-            sums = backend.abn_backward_reduce(dy, y, weight, bias, invstd, call.axis, call.act,
-                                               call.p)
+        reduce = _kernels_for(backend, "abn_backward_reduce")
+        if idx is None and reduce is not None:
+            sums = reduce(dy, y, weight, bias, invstd, call.axis, call.act, call.p)
         if sums is not None:
             sum_dz, sum_dz_xmu = sums
             g_dz, g_dz_xmu = _all_reduced(sum_dz, sum_dz_xmu, call)
