@@ -180,6 +180,25 @@ def test_compiled_model_equals_eager(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_traced_and_exported_eval_model_equal_eager(backend):
+    """torch.jit.trace and torch.export record the torch operations (the kernels return an
+    int the tracer cannot record): the recorded eval model equals the eager one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), InPlaceABN(4, "elu", 0.5), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x)
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(exported(x), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("act,p", ACTS)
 def test_gradcheck(act, p):
     g = torch.Generator().manual_seed(3)

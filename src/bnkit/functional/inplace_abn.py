@@ -221,10 +221,11 @@ def forward_step(backend, x, weight, bias, call: AbnCall, overwrite: bool):
 
 
 def _kernels_for(backend, name: str):
-    """The backend's InPlaceABN kernel `name`, or None: it has none, or torch.compile is
-    tracing the Function (the kernels write into their arguments, which the compiled graph's
-    functionalization does not take; the torch operations trace)."""
-    if torch.compiler.is_compiling():
+    """The backend's InPlaceABN kernel `name`, or None: it has none, or torch.compile /
+    torch.export or torch.jit.trace is recording the call (the kernels write into their
+    arguments, which a compiled graph's functionalization does not take, and return an int,
+    which the tracer does not record; the torch operations trace)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     return getattr(backend, name, None)
 
