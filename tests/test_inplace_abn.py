@@ -182,9 +182,10 @@ def test_compiled_model_equals_eager(backend):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_traced_and_exported_eval_model_equal_eager(backend):
+def test_traced_scripted_and_exported_eval_model_equal_eager(backend):
     """torch.jit.trace and torch.export record the torch operations (the kernels return an
-    int the tracer cannot record): the recorded eval model equals the eager one."""
+    int the tracer cannot record), torch.jit.script compiles the layer's lowering: each
+    gives the eager eval model's output."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), InPlaceABN(4, "elu", 0.5), nn.Conv2d(4, 2, 1))
     with torch.no_grad():
@@ -197,6 +198,10 @@ def test_traced_and_exported_eval_model_equal_eager(backend):
         exported = torch.export.export(model, (x,)).module()
         torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(exported(x), want, rtol=1e-6, atol=1e-6)
+        for cls in (InPlaceABN, InPlaceABNSync):
+            model[1] = cls(4, "elu", 0.5).eval()
+            want = model(x)
+            torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("act,p", ACTS)

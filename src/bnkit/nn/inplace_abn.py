@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..functional.inplace_abn import check_invertible, inplace_abn, inplace_abn_sync_train
+from ..functional.sync import check_on_every_rank
 from .act import BatchNormAct
 
 _MODULES = {"leaky_relu": lambda p: nn.LeakyReLU(p), "elu": lambda p: nn.ELU(p),
@@ -82,8 +83,6 @@ class InPlaceABN(BatchNormAct):
         if group is None:
             self._check_input_dim(input)
         else:  # a rejected input makes the peers raise too, instead of waiting
-            from ..functional.sync import check_on_every_rank
-
             check_on_every_rank(self._check_input_dim, input, group)
         momentum, step = self._momentum_and_step()
         rm, rv = self._running_buffers()
