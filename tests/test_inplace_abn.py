@@ -16,7 +16,7 @@ from torch import nn
 
 import bnkit
 from bnkit import kernels
-from bnkit.bench.memory import memory_report, resnet_style
+from bnkit.bench.memory import MemoryRow, format_report, memory_report, resnet_style
 from bnkit.errors import BNShapeError, BNValueError
 from bnkit.functional.inplace_abn import inplace_abn
 from bnkit.nn import BatchNormAct, InPlaceABN, InPlaceABNSync, load_inplace_abn_state_dict
@@ -95,13 +95,17 @@ def assert_pairs(pairs, tol=1e-10):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    """The sums are checked once on the reference primitives (the compiled backends are
-    tested equal to them in their own files) and once on the automatic choice (below)."""
+BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in bnkit.available_backends(), reason="the cpu backend needs bnkit._C"))]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request):
+    """Every test on each backend that runs CPU tensors: 'reference' (the inversion in torch
+    operations over the primitives) and 'cpu' (the C++ kernels bnkit_cpu::abn_*)."""
     before = kernels.get_backend()
-    kernels.set_backend("reference")
-    yield
+    kernels.set_backend(request.param)
+    yield request.param
     kernels.set_backend(before)
 
 
@@ -129,9 +133,75 @@ def test_cumulative_momentum_and_channels_last():
     assert_pairs(run_pair((3, 3, 5, 4), -1, "leaky_relu", 0.01, momentum=None, steps=3))
 
 
-def test_automatic_backend_matches_too():
-    kernels.set_backend("auto")
-    assert_pairs(run_pair((4, 6, 5, 3), 1, "leaky_relu", 0.1))
+def test_cpu_backend_runs_its_kernels(backend, monkeypatch):
+    """On 'cpu' the forward and the backward run the C++ operators (none declines); with a
+    near-zero weight the forward still does, and the backward takes the torch path, which
+    reads those channels' saved input."""
+    if backend != "cpu":
+        pytest.skip("checks the cpu backend's kernels")
+    from bnkit.kernels import cpu
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kw):
+            out = fn(*args, **kw)
+            calls.append((name, out is not None))
+            return out
+        return wrapped
+
+    for name in ("abn_forward", "abn_backward_reduce", "abn_backward_elemt"):
+        monkeypatch.setattr(cpu, name, spy(name, getattr(cpu, name)))
+    assert_pairs(run_pair((4, 6, 5, 3), 1, "leaky_relu", 0.1, steps=1))
+    assert calls == [("abn_forward", True), ("abn_backward_reduce", True),
+                     ("abn_backward_elemt", True)]
+    calls.clear()
+    assert_pairs(run_pair((4, 6, 5, 3), 1, "elu", 0.5, near_zero=True, steps=1))
+    assert calls == [("abn_forward", True)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_model_equals_eager(backend):
+    """torch.compile runs the layer (graph breaks; the torch operations are traced where the
+    kernels would write into their arguments): output, gradients and running statistics
+    equal the eager model's."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), InPlaceABN(4, "elu", 0.5, dtype=torch.float32),
+                          nn.Conv2d(4, 2, 1))
+    twin = nn.Sequential(nn.Conv2d(3, 4, 3), InPlaceABN(4, "elu", 0.5), nn.Conv2d(4, 2, 1))
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 6)
+    y, yc = eager(x), compiled(x)
+    y.pow(2).sum().backward()
+    yc.pow(2).sum().backward()
+    for got, want in ((yc, y), (twin[0].weight.grad, eager[0].weight.grad),
+                      (twin[1].weight.grad, eager[1].weight.grad),
+                      (twin[1].running_var, eager[1].running_var)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_traced_scripted_and_exported_eval_model_equal_eager(backend):
+    """torch.jit.trace and torch.export record the torch operations (the kernels return an
+    int the tracer cannot record), torch.jit.script compiles the layer's lowering: each
+    gives the eager eval model's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), InPlaceABN(4, "elu", 0.5), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x)
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(exported(x), want, rtol=1e-6, atol=1e-6)
+        for cls in (InPlaceABN, InPlaceABNSync):
+            model[1] = cls(4, "elu", 0.5).eval()
+            want = model(x)
+            torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("act,p", ACTS)
@@ -335,6 +405,67 @@ def test_failed_call_leaves_state_and_input_untouched():
     assert torch.equal(h.detach(), keep)
 
 
+def _bad_calls():
+    """(name, call) pairs that must raise before anything runs, and the running buffers
+    they were given."""
+    x = torch.randn(4, 3, 5, requires_grad=True) * 1
+    rm, rv = torch.zeros(3), torch.ones(3)  # never changed: every call below fails
+
+    def call(**kw):
+        args = {"input": x, "running_mean": rm, "running_var": rv, "weight": torch.ones(3),
+                "bias": torch.zeros(3), "training": True, "momentum": 0.1, "eps": 1e-5}
+        args.update(kw)
+        return lambda: inplace_abn(**args)
+
+    return (rm, rv), [("channels", call(input=torch.randn(4, 5, 2) * 1)),
+        ("one value", call(input=torch.randn(1, 3) * 1)),
+        ("weight shape", call(weight=torch.ones(4))),
+        ("eps", call(eps=-1.0)), ("momentum", call(momentum=1.5)),
+        ("relu", call(act="relu")), ("slope", call(act_param=0.0)),
+        ("dtype", call(input=torch.ones(4, 3, 5, dtype=torch.int64))),
+        ("axis", call(axis=3)), ("inference buffer", call(running_var=_inference_ones(3))),
+        ("eval without buffers", call(training=False, running_mean=None, running_var=None))]
+
+
+def _inference_ones(c):
+    with torch.inference_mode():
+        return torch.ones(c)
+
+
+def test_errors_are_the_same_on_every_backend():
+    """Validation runs in Python before any kernel: each bad call raises the same error on
+    every backend and leaves the buffers untouched."""
+    seen = {}
+    for name in bnkit.available_backends():
+        if name == "triton":
+            continue
+        kernels.set_backend(name)
+        (rm, rv), calls = _bad_calls()
+        for what, fn in calls:
+            with pytest.raises((ValueError, TypeError, RuntimeError)) as err:
+                fn()
+            seen.setdefault(what, set()).add((type(err.value), str(err.value)))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert len(seen) == len(calls)
+    assert all(len(v) == 1 for v in seen.values()), seen
+
+
+def test_non_finite_channel_keeps_its_running_statistics_and_warns():
+    """A NaN in one channel: that channel's running statistics stay as they were (with the
+    core's warning), the others are blended, on every backend alike."""
+    abn = InPlaceABN(3)
+    x = torch.randn(4, 3, 5)
+    x[1, 1, 2] = float("nan")
+    want = nn.BatchNorm2d(3)  # the blend torch gives the finite channels
+    want.train()(x.unsqueeze(-1))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        abn(x)
+    assert abn.running_mean[1] == 0 and abn.running_var[1] == 1
+    for c in (0, 2):
+        torch.testing.assert_close(abn.running_mean[c], want.running_mean[c])
+        torch.testing.assert_close(abn.running_var[c], want.running_var[c])
+
+
 def test_empty_batch_changes_nothing():
     abn = InPlaceABN(3)
     y = abn(torch.empty(0, 3, 4))
@@ -475,6 +606,16 @@ def test_resnet_style_saves_over_35_percent_less_than_bn_leaky_relu():
     assert by["InPlaceABN"] < by["torch BN + LeakyReLU_"] < by["torch BN + LeakyReLU"]
 
 
+def test_memory_table_gives_ratios_to_torch_and_to_batchnormact():
+    rows = [MemoryRow("torch BN + LeakyReLU", 4 << 20, 0.200),
+            MemoryRow("bnkit BatchNormAct", 4 << 20, 0.160),
+            MemoryRow("InPlaceABN", 1 << 20, 0.176)]
+    lines = format_report(rows).splitlines()
+    assert lines[0].split()[-1] == "BNAct"
+    assert lines[3].split()[-5:] == ["1.00", "0.250", "176.0", "0.880", "1.100"]
+    assert "BNAct" not in format_report(rows[:1])
+
+
 # ----------------------------------------------------------------------------- sync
 WORLD = 2
 SIZES = (3, 5)
@@ -498,9 +639,9 @@ def _layer(cls):
     return abn
 
 
-def sync_worker(rank, store, out_dir):
+def sync_worker(rank, store, out_dir, backend):
     torch.set_num_threads(1)
-    kernels.set_backend("reference")
+    kernels.set_backend(backend)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=20))
     abn = _layer(InPlaceABNSync)
@@ -534,9 +675,10 @@ def sync_worker(rank, store, out_dir):
     dist.destroy_process_group()
 
 
-def test_sync_two_ranks_equal_single_process(tmp_path):
+def test_sync_two_ranks_equal_single_process(tmp_path, backend):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=sync_worker, args=(r, str(tmp_path / "store"), str(tmp_path)))
+    procs = [ctx.Process(target=sync_worker, args=(r, str(tmp_path / "store"), str(tmp_path),
+                                                   backend))
              for r in range(WORLD)]
     for p in procs:
         p.start()

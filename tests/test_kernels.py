@@ -292,3 +292,115 @@ def test_constant_input_gives_exactly_the_bias(be, value, dtype, shape, cl):
     y = BF.batch_norm(x, None, None, w, b, training=True)
     view = [1, 3] + [1] * (len(shape) - 2)
     assert torch.equal(y, b.view(view).expand_as(x))
+
+
+# ---- InPlaceABN's kernels (optional: abn_forward, abn_backward_reduce / _elemt) ------------
+
+ABN_ACTS = [("leaky_relu", 0.1), ("elu", 0.7), ("identity", 0.01)]
+
+
+def _abn_oracle(x, dy, w, b, axis, act, p, training, rm, rv, eps=1e-5):
+    """BN then the activation, in float64 with torch's own functions: (y, sum dz,
+    sum dz (x - mu), dx, dx's term scale, mean, var) (training: batch statistics; eval: the
+    running ones)."""
+    f = torch.nn.functional
+    xd = x.double().movedim(axis, 1).requires_grad_()
+    act_fn = {"leaky_relu": lambda z: f.leaky_relu(z, p), "elu": lambda z: f.elu(z, p),
+              "identity": lambda z: z}[act]
+    zd = f.batch_norm(xd, rm.double().clone(), rv.double().clone(), w.double(), b.double(),
+                      training, 0.0, eps)
+    z = zd.detach().requires_grad_()
+    y = act_fn(z)
+    g = dy.double().movedim(axis, 1)
+    dz, = torch.autograd.grad(y, z, g)
+    dx, = torch.autograd.grad(zd, xd, dz)
+    dims = [d for d in range(x.dim()) if d != 1]
+    if training:
+        mean, var = xd.detach().mean(dims), xd.detach().var(dims, unbiased=False)
+    else:
+        mean, var = rm.double(), rv.double()
+    view = [1, -1] + [1] * (x.dim() - 2)
+    xmu = xd.detach() - mean.view(view)
+    scale = (dz.abs() * (w.double().abs() * (var + eps).rsqrt()).view(view)).max().item()
+    back = lambda t: t.movedim(1, axis)
+    return (back(y.detach()), dz.sum(dims), (dz * xmu).sum(dims), back(dx), scale,
+            (dz.abs() * xmu.abs()).sum(dims).max().item(), mean, var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,axis,cl", CASES, ids=str)
+def test_inplace_abn_kernels_match_bn_then_activation(be, shape, axis, cl, dtype):
+    """y written in place and out of place, the statistics and the running blend, the sums
+    and dx from y alone: BN + leaky_relu / elu / identity in float64 (weights of both signs)."""
+    if not hasattr(be, "abn_forward"):
+        pytest.skip(f"{be.NAME} has no InPlaceABN kernels")
+    x = make(shape, axis, cl, dtype)
+    dy = make(shape, axis, cl, dtype, seed=5, loc=0.1, scale=1.0)
+    c = shape[axis]
+    w, b = vectors(c, dtype)
+    w = torch.where(w < 0, w - 0.3, w + 0.3)  # mixed signs, away from 0 (near zero: the layer)
+    count = torch.tensor(float(x.numel() // c), dtype=torch.float64)
+    runs = [(a, p, t) for a, p in ABN_ACTS for t in (True, False)]
+    if CHILD:  # the interpreter is slow: each activation once, eval once
+        runs = [runs[0], runs[2], runs[5]]
+    for act, p, training in runs:
+        rm, rv = vectors(c, dtype, seed=2)
+        rv = rv.abs() + 0.5
+        rm0, rv0 = rm.clone(), rv.clone()
+        y_w, sdz_w, sdzx_w, dx_w, dx_scale, sum_scale, mean_w, var_w = _abn_oracle(
+            x, dy, w, b, axis, act, p, training, rm0, rv0)
+        out = torch.empty_like(x)
+        mean, var, invstd, blended = be.abn_forward(
+            x, out, w, b, rm, rv, None, training, 1e-5, axis, act, p,
+            0.1 if training else None)
+        close(out.double(), y_w, dtype)
+        assert out.stride() == x.stride()
+        close(mean.double(), mean_w, dtype, mean_w.abs().max().item() + 1)
+        close(var.double(), var_w, dtype)
+        close(invstd.double(), (var_w + 1e-5).rsqrt(), dtype)
+        n = x.numel() // c
+        if blended:
+            close(rm.double(), rm0.double() * 0.9 + 0.1 * mean_w, dtype)
+            close(rv.double(), rv0.double() * 0.9 + 0.1 * var_w * n / (n - 1), dtype)
+        else:
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        inplace = x.clone()
+        be.abn_forward(inplace, inplace, w, b, rm0, rv0, (mean, var), training, 1e-5, axis,
+                       act, p, None)
+        assert torch.equal(inplace, out)  # in place: the same values
+        sums = be.abn_backward_reduce(dy, out, w, b, invstd, axis, act, p)
+        close(sums[0].double(), sdz_w, dtype, sum_scale)
+        close(sums[1].double(), sdzx_w, dtype, sum_scale)
+        dx = be.abn_backward_elemt(dy, out, w, b, invstd, *sums, count, axis, act, p,
+                                   training)
+        assert dx.dtype == dtype and dx.stride() == x.stride()
+        close(dx.double(), dx_w, dtype, dx_scale)
+
+
+@pytest.mark.parametrize("act,p", [("leaky_relu", 0.2), ("elu", 1.0)])
+def test_inplace_abn_layer_on_the_backend(be, act, p):
+    """InPlaceABN through its Function on the backend (input overwritten): output, input /
+    weight / bias gradients and running statistics equal torch's BN + activation in float64."""
+    from bnkit.nn import InPlaceABN
+    f = torch.nn.functional
+    x = make((4, 3, 5), 1, False, torch.float64).requires_grad_()
+    dy = make((4, 3, 5), 1, False, torch.float64, seed=4)
+    w, b = vectors(3, torch.float64)
+    abn = InPlaceABN(3, act, p, dtype=torch.float64)
+    with torch.no_grad():
+        abn.weight.copy_(w)
+        abn.bias.copy_(b)
+    h = x * 1
+    assert kernels.select(h, 1) is be
+    y = abn(h)
+    assert y is h
+    (y * dy).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    z = f.batch_norm(xr, rm, rv, wr, br, True)
+    yr = f.leaky_relu(z, p) if act == "leaky_relu" else f.elu(z, p)
+    (yr * dy).sum().backward()
+    for got, want in ((y, yr), (x.grad, xr.grad), (abn.weight.grad, wr.grad),
+                      (abn.bias.grad, br.grad), (abn.running_mean, rm), (abn.running_var, rv)):
+        close(got.detach(), want.detach(), torch.float64)

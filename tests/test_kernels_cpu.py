@@ -190,3 +190,52 @@ def test_package_works_without_the_extension():
     assert "bnkit._C" in out.stdout and "pip install --no-build-isolation" in out.stdout
     assert "cpu: unavailable: import failed:" in out.stdout  # bnkit info names the reason
 
+
+
+# ---- InPlaceABN's operators --------------------------------------------------------------
+
+def test_abn_operators_meta_kernels_give_shapes_and_dtypes():
+    """The bnkit_cpu::abn_* operators trace on meta tensors (torch.compile's fake mode)."""
+    ops = torch.ops.bnkit_cpu
+    x = torch.empty(4, 6, 5, 5, device="meta")
+    mean, var, invstd, _ = ops.abn_forward(x, x, None, None, None, None, None, None, True,
+                                           1e-5, 1, "leaky_relu", 0.01, None)
+    assert [t.shape for t in (mean, var, invstd)] == [(6,)] * 3 and mean.dtype == torch.float64
+    s_dz, s_dzx = ops.abn_backward_reduce(x, x, None, None, invstd, 1, "elu", 1.0)
+    assert s_dz.shape == s_dzx.shape == (6,) and s_dz.dtype == torch.float64
+    dx = ops.abn_backward_elemt(x, x, None, None, invstd, s_dz, s_dzx, 100.0, True, 1,
+                                "identity", 0.01)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+
+
+def test_abn_operators_refuse_what_python_routes_elsewhere():
+    """cpu.abn_* decline non-dense input (the layer then runs the torch path); the operators
+    themselves reject an unknown activation and an `out` laid out unlike x."""
+    x = make((6, 4, 9), 1, False, torch.float64).transpose(0, 2)
+    out = torch.empty_like(x)
+    assert cpu.abn_forward(x, out, None, None, None, None, None, True, 1e-5, 1) is None
+    assert cpu.abn_backward_reduce(x, x, None, None, torch.ones(4), 1) is None
+    dense = make((6, 4, 9), 1, False, torch.float64)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        torch.ops.bnkit_cpu.abn_backward_reduce(dense, dense, None, None, torch.ones(4), 1,
+                                                "relu", 0.0)
+    with pytest.raises(RuntimeError, match="shape, strides and dtype"):
+        torch.ops.bnkit_cpu.abn_forward(dense, dense.float(), None, None, None, None, None,
+                                        None, True, 1e-5, 1, "identity", 0.01, None)
+
+
+def test_inplace_abn_on_a_transposed_input_runs_the_torch_path():
+    from bnkit.nn import InPlaceABN
+    kernels.set_backend("cpu")
+    base = make((6, 4, 9), 1, False, torch.float64).requires_grad_()
+    x = base.transpose(0, 2)  # (9, 4, 6), channels at 1, not dense along it for the kernels
+    abn = InPlaceABN(4, "elu", 0.5, dtype=torch.float64)
+    y = abn(x)
+    y.pow(2).sum().backward()
+    xr = base.detach().clone().requires_grad_()
+    yr = torch.nn.functional.elu(torch.nn.functional.batch_norm(
+        xr.transpose(0, 2), None, None, torch.ones(4, dtype=torch.float64),
+        torch.zeros(4, dtype=torch.float64), True), 0.5)
+    yr.pow(2).sum().backward()
+    close(y.detach(), yr.detach(), torch.float64)
+    close(base.grad, xr.grad, torch.float64)

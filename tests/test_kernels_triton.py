@@ -268,6 +268,42 @@ def test_batch_norm_end_to_end(device, dtype, training, act, restore_backend):
         _close(g, r, tol, name)
 
 
+def _run_abn(backend, x, act, training, channels_last):
+    """(y, running_var, dx, dweight, dbias) of InPlaceABN under `backend` (input overwritten)."""
+    from bnkit.nn import InPlaceABN
+    bnkit.set_backend(backend)
+    c = x.shape[1]
+    abn = InPlaceABN(c, act, 0.3).to(x.device).train(training)
+    with torch.no_grad():
+        abn.weight.copy_(torch.linspace(-1.5, 2.0, c))
+        abn.bias.copy_(torch.linspace(0.4, -0.6, c))
+    xr = x.clone().requires_grad_()
+    h = xr * 1
+    y = abn(h)
+    assert y is h and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    dy = _dy(x, seed=3)
+    dx, dw, db = torch.autograd.grad(y, (xr, abn.weight, abn.bias), dy)
+    return y.detach(), abn.running_var.clone(), dx, dw, db
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("float16", "bfloat16-cl",
+                                                                "channels-last", "float64")],
+                         ids=["channels-last", "float16", "bfloat16-cl", "float64"])
+@pytest.mark.parametrize("act,training", [("leaky_relu", True), ("elu", False)])
+def test_inplace_abn_kernels_in_every_dtype(device, case, act, training, restore_backend):
+    """InPlaceABN on the triton kernels against the same layer on the reference backend
+    (half precision computed in float32 on both): output, running variance, gradients."""
+    x = _data(case, device)[0]
+    bnkit.set_backend("triton")
+    assert kernels.select(x, 1, None).NAME == "triton"
+    got = _run_abn("triton", x, act, training, case[4])
+    want = _run_abn("reference", x, act, training, case[4])
+    tol = 4 * TOL[case[3]]
+    for name, g, r in zip(("y", "running_var", "dx", "dw", "db"), got, want):
+        _close(g, r, tol * (1 + r.abs().max().item()), name)
+
+
 # ---- dispatch rules, status and errors -----------------------------------------------------
 
 @pytest.mark.skipif(not CHILD, reason="needs the interpreter: runs in the child process")
@@ -336,6 +372,14 @@ _COMPILE = [  # (kernel, pointer dtypes, constexprs): one per kernel, the widest
                             "vec_ptr": "*fp32", "out_ptr": "*fp16"},
      {"CL": True, "OP": 2, "ACT": 2, "CORR": True, "HAS_MASK": True, "BLOCK_R": 64,
       "BLOCK_K": 64}),
+    ("abn_forward_kernel", {"x_ptr": "*fp16", "out_ptr": "*fp16", "vec_ptr": "*fp32"},
+     {"CL": False, "ACT": 2, "BLOCK_R": 4, "BLOCK_K": 1024}),
+    ("abn_reduce_kernel", {"y_ptr": "*bf16", "dy_ptr": "*bf16", "vec_ptr": "*fp32",
+                           "part_ptr": "*fp32"},
+     {"CL": True, "ACT": 2, "BLOCK_R": 64, "BLOCK_K": 64}),
+    ("abn_dx_kernel", {"y_ptr": "*fp64", "dy_ptr": "*fp64", "vec_ptr": "*fp64",
+                       "out_ptr": "*fp64"},
+     {"CL": False, "ACT": 1, "CORR": True, "BLOCK_R": 4, "BLOCK_K": 1024}),
 ]
 
 

@@ -3,12 +3,12 @@
 The same ResNet-style and MobileNet-style models (LeakyReLU after every BN) are built once per
 variant: torch's BN + LeakyReLU, the same with LeakyReLU(inplace=True), bnkit's BatchNormAct and
 InPlaceABN. For each, the bytes autograd saves (`bnkit.tools.saved_tensor_bytes`, each storage
-once, parameters excluded) and the median training step (forward, backward, SGD update).
+once, parameters excluded) and the median training step (forward and backward, no optimizer),
+the variants timed in interleaved rounds (`timing.time_all`) so that drift on a shared machine
+hits them alike.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..tools.memory import saved_tensor_bytes
+from .timing import time_all
 
 __all__ = ["VARIANTS", "MemoryRow", "format_report", "memory_report", "mobilenet_style",
            "resnet_style", "run_memory"]
@@ -107,7 +108,7 @@ def mobilenet_style(norm_act, width: int = 16, num_classes: int = 10) -> nn.Modu
 @dataclass
 class MemoryRow:
     """One variant's measurement: saved bytes (parameters excluded) and the median time of
-    a training step (forward, backward, SGD update) in seconds."""
+    a training step (forward and backward, no optimizer) in seconds."""
 
     variant: str
     saved_bytes: int
@@ -116,6 +117,14 @@ class MemoryRow:
 
 def _loss(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
+
+
+def _step(model, x, y) -> Callable[[], None]:
+    """One training step without the optimizer: gradients cleared, forward, backward."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        _loss(model, x, y).backward()
+    return step
 
 
 def memory_report(model_factory: Callable = resnet_style, variants: dict | None = None, *,
@@ -129,39 +138,38 @@ def memory_report(model_factory: Callable = resnet_style, variants: dict | None 
             `num_classes` logits out).
         variants: name -> norm_act; default `VARIANTS` (torch BN + LeakyReLU, the same with
             LeakyReLU(inplace=True), bnkit BatchNormAct with a LeakyReLU module, InPlaceABN).
-        batch, image: the input batch (batch, 3, image, image). steps: timed steps (after one
-            warm-up), the median is reported. seed: same weights and data for every variant.
+        batch, image: the input batch (batch, 3, image, image). steps: timed rounds (after
+            one warm-up step each); each round runs one step of every variant, in rotated
+            order, and the median is reported. seed: same weights and data for every variant.
     """
-    rows = []
+    saved, fns = {}, {}
     for name, norm_act in (variants or VARIANTS).items():
         torch.manual_seed(seed)
         model = model_factory(norm_act).train()
         x = torch.randn(batch, 3, image, image)
         y = torch.randint(0, num_classes, (batch,))
-        saved = saved_tensor_bytes(_loss, model, x, y, exclude=model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        times = []
-        for i in range(steps + 1):
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            _loss(model, x, y).backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - start)
-        rows.append(MemoryRow(name, saved, statistics.median(times)))
-    return rows
+        saved[name] = saved_tensor_bytes(_loss, model, x, y, exclude=model.parameters())
+        fns[name] = _step(model, x, y)
+    ms = time_all(fns, repeats=steps, warmup=1)
+    return [MemoryRow(name, saved[name], ms[name] / 1e3) for name in fns]
+
+
+REFERENCE = "bnkit BatchNormAct"  # the step-time target compares InPlaceABN with this row
 
 
 def format_report(rows: list[MemoryRow], title: str = "") -> str:
-    """A text table: saved MiB, ratio to the first row, step ms, ratio to the first row."""
+    """A text table: saved MiB and step ms, each with its ratio to the first row (torch's
+    BN + LeakyReLU), and the step's ratio to bnkit's BatchNormAct when that row is there."""
     base = rows[0]
+    ref = next((r for r in rows if r.variant == REFERENCE), None)
     lines = [title] if title else []
     lines.append(f"{'variant':<24}{'saved MiB':>11}{'vs first':>10}{'step ms':>10}"
-                 f"{'vs first':>10}")
+                 f"{'vs first':>10}" + (f"{'vs BNAct':>10}" if ref else ""))
     for r in rows:
         lines.append(f"{r.variant:<24}{r.saved_bytes / 2**20:>11.2f}"
                      f"{r.saved_bytes / base.saved_bytes:>10.3f}{r.step_s * 1e3:>10.1f}"
-                     f"{r.step_s / base.step_s:>10.3f}")
+                     f"{r.step_s / base.step_s:>10.3f}"
+                     + (f"{r.step_s / ref.step_s:>10.3f}" if ref else ""))
     return "\n".join(lines)
 
 
@@ -172,6 +180,7 @@ def run_memory(batch: int = 32, image: int = 32, steps: int = 5) -> dict[str, li
 
 
 def format_memory(result: dict[str, list[MemoryRow]]) -> str:
-    """Both models' tables, ratios against torch's BN + LeakyReLU (the first row)."""
+    """Both models' tables: ratios against torch's BN + LeakyReLU (the first row) and, for
+    the step, against bnkit's BatchNormAct."""
     return "\n\n".join(format_report(rows, f"saved for backward and step time: {name}")
                        for name, rows in result.items())

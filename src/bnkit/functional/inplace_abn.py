@@ -7,19 +7,27 @@ y is written into x's storage when that is safe (`can_overwrite`) and y is the o
 full-size tensor saved. The backward recovers, from y alone (derivation in docs/math.md,
 section "In-place activated BN"):
     z = f^-1(y),   dz = dy f'(z) (f' read from y),   x - mu = (z - b) / (w s)
-and then runs the core's own reduce and elementwise steps (the selected backend's
-`backward_reduce` / `backward_elemt`, as sync BN does) on the recovered centred input:
+and then the core's own reduce and elementwise steps on the recovered centred input:
     sum_dz = sum dz,  sum_dz_xmu = sum dz (x - mu),  db = sum_dz,  dw = s sum_dz_xmu
     dx = w s (dz - sum_dz/n - (x - mu) s^2 sum_dz_xmu / n)       (training; eval: w s dz)
 Sync BN all-reduces (sum_dz, sum_dz_xmu) between the two steps, as `sync.py` does.
 
+One autograd Function runs on every backend: a backend with InPlaceABN kernels (`cpu`,
+`triton`: `abn_forward`, `abn_backward_reduce`, `abn_backward_elemt`) runs the forward in one
+call (statistics, the write, the running blend on `cpu`) and the backward in two passes over
+(y, dy); any other (`reference`), or an input the kernels decline, runs the same steps in
+torch operations over the backend's primitives (`backward_reduce` / `backward_elemt`).
+
 Channels whose scale w is near zero relative to b (`near_zero_scale`) cannot be recovered
 from y to the output's precision (at w = 0, y = f(b) holds no trace of x): for them alone the
 input is saved as well (a copy of those channels), so the layer stays exact BN + activation
-for every w, with the memory saving on all other channels. ReLU is refused: it maps every
-z <= 0 to 0, so z, and with it x, cannot be recovered.
+for every w, with the memory saving on all other channels; the backward of a call with such
+channels runs in torch operations (the kernels recover x - mu from y for every channel).
+ReLU is refused: it maps every z <= 0 to 0, so z, and with it x, cannot be recovered.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,9 +39,10 @@ from . import checks
 from .backward import grad_affine
 from .normalize import affine_coeffs, inv_std, normalize
 from .running import record_step
-from .stats import acc_dtype, channel_view, compute_dtype
+from .stats import Stats, acc_dtype, channel_view, compute_dtype
 
-__all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "near_zero_scale"]
+__all__ = ["INVERTIBLE", "can_overwrite", "check_invertible", "inplace_abn", "inverse_coeffs",
+           "near_zero_scale"]
 
 INVERTIBLE = ("leaky_relu", "elu", "identity")
 # |w| below |b| / NEAR_ZERO_RATIO loses over log2(ratio) bits of x - mu in the inversion
@@ -163,72 +172,194 @@ def _write_output(x, mean, invstd, weight, bias, axis, act, p, overwrite: bool):
     return x.copy_(y) if overwrite else y
 
 
+class AbnCall(NamedTuple):
+    """One call's settings, handed to the Function as one argument. `momentum` is None when
+    the running buffers are not updated; `stats` are given statistics (the sync variant's
+    global ones) or None (the batch's in training, the running buffers in eval); `group` is
+    None (local) or the process group whose ranks all-reduce the backward sums; `counter`
+    is the layer's num_batches_tracked (or None), advanced with the running buffers."""
+
+    axis: int
+    act: str
+    p: float
+    training: bool
+    inplace: bool
+    eps: float
+    momentum: float | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    stats: Stats | None = None
+    group: object = None
+    counter: torch.Tensor | None = None
+
+
+def _statistics(backend, x, call: AbnCall) -> Stats:
+    """The statistics the call normalizes with (count, mean, biased var)."""
+    if call.stats is not None:
+        return call.stats
+    if call.training:
+        return backend.batch_stats(x, call.axis)
+    adt = acc_dtype(x.dtype)  # copies: the buffers may change before the backward reads them
+    return Stats(torch.tensor(2.0, dtype=adt, device=x.device),
+                 call.running_mean.to(adt, copy=True), call.running_var.to(adt, copy=True))
+
+
+def forward_step(backend, x, weight, bias, call: AbnCall, overwrite: bool):
+    """Statistics, y = f(BN(x)) (into x's storage when `overwrite`, else a new tensor) and
+    the running-buffer update -> (y, mean, invstd, count). The backend's one-call
+    `abn_forward` runs it when it has one and takes the input (the 'cpu' backend: one C++
+    call, blend included); otherwise its `batch_stats` and the elementwise step in torch
+    operations (`_write_output`); then the step is recorded (`running.record_step`: the
+    blend unless the kernel did it, and the layer's step counter)."""
+    done = _kernel_forward(backend, x, weight, bias, call, overwrite)
+    if done is None:
+        count, mean, var = _statistics(backend, x, call)
+        invstd = inv_std(var, call.eps)
+        y = _write_output(x, mean, invstd, weight, bias, call.axis, call.act, call.p, overwrite)
+        done = y, mean, var, invstd, count, False
+    y, mean, var, invstd, count, blended = done
+    if call.momentum is not None:
+        record_step(call.running_mean, call.running_var, mean, var, count, call.momentum,
+                    call.counter, blended)
+    return y, mean, invstd, count
+
+
+def _kernels_for(backend, name: str):
+    """The backend's InPlaceABN kernel `name`, or None: it has none, or torch.compile /
+    torch.export or torch.jit.trace is recording the call (the kernels write into their
+    arguments, which a compiled graph's functionalization does not take, and return an int,
+    which the tracer does not record; the torch operations trace)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return getattr(backend, name, None)
+
+
+def _kernel_forward(backend, x, weight, bias, call: AbnCall, overwrite: bool):
+    """The backend's `abn_forward` -> (y, mean, var, invstd, count, blended), or None when it
+    has none, declines the input, or torch.compile is tracing (`_kernels_for`)."""
+    op = _kernels_for(backend, "abn_forward")
+    if op is None:
+        return None
+    y = x if overwrite else torch.empty_like(x)
+    given = None if call.stats is None else (call.stats.mean, call.stats.var)
+    done = op(x, y, weight, bias, call.running_mean, call.running_var, given, call.training,
+              call.eps, call.axis, call.act, call.p, call.momentum)
+    if done is None:
+        return None
+    mean, var, invstd, blended = done
+    if call.stats is not None:
+        count = call.stats.count
+    else:  # eval: a placeholder, as `_statistics` gives (the eval backward does not read it)
+        n = x.numel() // x.shape[call.axis] if call.training else 2.0
+        count = torch.tensor(n, dtype=mean.dtype, device=x.device)
+    return y, mean, var, invstd, count, blended
+
+
 class InPlaceABNFunction(torch.autograd.Function):
-    """(x, weight, bias, mean, invstd, count, ...) -> y = f(BN(x)), saving y (+ per-channel
-    tensors, + the near-zero-scale channels of x). mean, invstd, count are the statistics the
-    call normalizes with (batch or running, local or global); they carry no gradient, the
-    training backward accounts for their dependence on x. `group` is None (local) or the
-    process group whose ranks all-reduce the backward sums."""
+    """(x, weight, bias, call) -> y = f(BN(x)), saving y (+ per-channel tensors, + the
+    near-zero-scale channels of x). The statistics (batch or running, local or global) carry
+    no gradient; the training backward accounts for their dependence on x. One Function for
+    every backend: the forward runs `forward_step` on the selected backend, the backward the
+    backend's `abn_backward_reduce` / `abn_backward_elemt` when it has them and no channel
+    is near zero, else the inversion in torch operations and the backend's primitives."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, args):
-        axis, act, p, _, inplace, _ = args
+    def forward(ctx, x, weight, bias, call):
         small = near_zero_scale(weight, bias)
         idx = None if small is None or not bool(small.any()) else small.nonzero().flatten()
-        x_small = None if idx is None else x.detach().index_select(axis, idx)
-        overwrite = inplace and can_overwrite(x)
-        y = _write_output(x.detach() if not overwrite else x, mean, invstd, weight, bias, axis,
-                          act, p, overwrite)
+        x_small = None if idx is None else x.detach().index_select(call.axis, idx)
+        overwrite = call.inplace and can_overwrite(x)
+        backend = kernels.select(x, call.axis, None)
+        y, mean, invstd, count = forward_step(backend, x.detach(), weight, bias, call,
+                                              overwrite)
         if overwrite:
             ctx.mark_dirty(x)
             y = x
         ctx.save_for_backward(y, weight, bias, mean, invstd, count, idx, x_small)
-        ctx.args = args
+        ctx.call = call
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         y, weight, bias, mean, invstd, count, idx, x_small = ctx.saved_tensors
-        axis, act, p, training, _, group = ctx.args
-        cdt, out_dtype = compute_dtype(y.dtype), dy.dtype  # half: invert in float32
-        z, dz = invert(y.to(cdt), dy.to(cdt), act, p)
-        xmu = centred_input(z, weight, bias, invstd, axis)
-        if idx is not None:  # the channels saved as input: x - mu directly
-            rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
-                                                        axis)
-            xmu = xmu.index_copy(axis, idx, rows)
-        zero = torch.zeros_like(mean)
-        backend = kernels.select(xmu, axis, None)
-        sum_dz, sum_dz_xmu = backend.backward_reduce(dz, xmu, zero, axis)
-        g_dz, g_dz_xmu = sum_dz, sum_dz_xmu
-        if group is not None and training:
-            both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
-            dist.all_reduce(both, group=group)
-            g_dz, g_dz_xmu = both.split(sum_dz.shape[0])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
-                                        axis, None, training).to(out_dtype)
+        call = ctx.call
+        backend = kernels.select(y, call.axis, None)
+        sums = None
+        reduce = _kernels_for(backend, "abn_backward_reduce")
+        if idx is None and reduce is not None:
+            sums = reduce(dy, y, weight, bias, invstd, call.axis, call.act, call.p)
+        if sums is not None:
+            sum_dz, sum_dz_xmu = sums
+            g_dz, g_dz_xmu = _all_reduced(sum_dz, sum_dz_xmu, call)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = backend.abn_backward_elemt(dy, y, weight, bias, invstd, g_dz, g_dz_xmu,
+                                                count, call.axis, call.act, call.p,
+                                                call.training)
+        else:
+            dx, sum_dz, sum_dz_xmu = _torch_backward(
+                backend, dy, y, weight, bias, mean, invstd, count, idx, x_small, call,
+                ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.to(dy.dtype)
         dweight, dbias = grad_affine(sum_dz, sum_dz_xmu, invstd)
         dweight = None if weight is None else dweight.to(weight.dtype)
         dbias = None if bias is None else dbias.to(bias.dtype)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None
+
+
+def _all_reduced(sum_dz, sum_dz_xmu, call: AbnCall):
+    """The sums over every rank of the sync variant's group (training); else as they are."""
+    if call.group is None or not call.training:
+        return sum_dz, sum_dz_xmu
+    both = torch.cat([sum_dz, sum_dz_xmu])  # one all_reduce instead of two
+    dist.all_reduce(both, group=call.group)
+    return both.split(sum_dz.shape[0])
+
+
+def _torch_backward(backend, dy, y, weight, bias, mean, invstd, count, idx, x_small,
+                    call: AbnCall, need_dx: bool):
+    """The backward in torch operations -> (dx or None, sum_dz, sum_dz_xmu): invert the
+    activation and the affine map, take the near-zero channels' x - mu from their saved
+    input, then the backend's `backward_reduce` / `backward_elemt`."""
+    axis = call.axis
+    cdt = compute_dtype(y.dtype)  # half: invert in float32
+    z, dz = invert(y.to(cdt), dy.to(cdt), call.act, call.p)
+    xmu = centred_input(z, weight, bias, invstd, axis)
+    if idx is not None:  # the channels saved as input: x - mu directly
+        rows = x_small.to(xmu.dtype) - channel_view(mean[idx].to(xmu.dtype), x_small.dim(),
+                                                    axis)
+        xmu = xmu.index_copy(axis, idx, rows)
+    zero = torch.zeros_like(mean)
+    sum_dz, sum_dz_xmu = backend.backward_reduce(dz, xmu, zero, axis)
+    g_dz, g_dz_xmu = _all_reduced(sum_dz, sum_dz_xmu, call)
+    dx = None
+    if need_dx:
+        dx = backend.backward_elemt(dz, xmu, zero, invstd, weight, g_dz, g_dz_xmu, count,
+                                    axis, None, call.training)
+    return dx, sum_dz, sum_dz_xmu
+
+
+def inverse_coeffs(invstd, weight, bias, cdtype):
+    """Per-channel (r, h), each (C,) in `cdtype`, of x - mu = z r + h: r = 1 / (w s), 0 where
+    w s = 0 (those channels' x - mu comes from their saved input), h = -b r; computed in
+    invstd's dtype and rounded once (the kernels use the same coefficients)."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    r = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    h = torch.zeros_like(r) if bias is None else -bias.to(r.dtype) * r
+    return r.to(cdtype), h.to(cdtype)
 
 
 def centred_input(z, weight, bias, invstd, axis):
-    """x - mu = (z - b) / (w s) = z r - b r with r = 1 / (w s), one pass, in z's compute
+    """x - mu = (z - b) / (w s) = z r + h (`inverse_coeffs`), one pass, in z's compute
     dtype; channels with w = 0 give 0 here and are overwritten from the saved input by the
     caller."""
     cdt = compute_dtype(z.dtype)
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    r = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    r, h = inverse_coeffs(invstd, weight, bias, cdt)
     nd = z.dim()
     if bias is None:
-        return z.to(cdt) * channel_view(r.to(cdt), nd, axis)
-    shift = -bias.to(r.dtype) * r
-    return torch.addcmul(channel_view(shift.to(cdt), nd, axis), z.to(cdt),
-                         channel_view(r.to(cdt), nd, axis))
+        return z.to(cdt) * channel_view(r, nd, axis)
+    return torch.addcmul(channel_view(h, nd, axis), z.to(cdt), channel_view(r, nd, axis))
 
 
 def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, act,
@@ -241,17 +372,14 @@ def validate(x, running_mean, running_var, weight, bias, training, momentum, eps
     return axis
 
 
-def abn_apply(x, weight, bias, mean, invstd, count, axis, act, act_param, training, inplace,
-              group=None):
-    """Run the Function when a gradient is needed, else the elementwise step alone (which
-    then never overwrites: without autograd there is no saved tensor to spare)."""
-    p = float(act_param)
+def abn_apply(x, weight, bias, call: AbnCall):
+    """Run the Function when a gradient is needed, else the forward step alone (which then
+    never overwrites: without autograd there is no saved tensor to spare)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs_grad:
-        return _write_output(x, mean, invstd, weight, bias, axis, act, p, False)
-    return InPlaceABNFunction.apply(x, weight, bias, mean, invstd, count,
-                                    (axis, act, p, training, inplace, group))
+        return forward_step(kernels.select(x, call.axis, None), x, weight, bias, call, False)[0]
+    return InPlaceABNFunction.apply(x, weight, bias, call)
 
 
 def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -297,18 +425,10 @@ def inplace_abn(input, running_mean=None, running_var=None, weight=None, bias=No
         zeros = torch.zeros(c, dtype=torch.float64, device=input.device)
         y = normalize(input, zeros, torch.ones_like(zeros), weight, bias, axis)
         return apply_invertible(y, act, float(act_param), inplace=False)
-    with torch.no_grad():
-        if training:
-            n, mean, var = kernels.select(input, axis, None).batch_stats(input, axis)
-        else:  # copies: the buffers may change before the backward reads them
-            adt = acc_dtype(input.dtype)
-            n = torch.tensor(2.0, dtype=adt, device=input.device)
-            mean, var = running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
-        invstd = inv_std(var, eps)
-    y = abn_apply(input, weight, bias, mean, invstd, n, axis, act, act_param, training, inplace)
-    if update:
-        record_step(running_mean, running_var, mean, var, n, momentum, counter)
-    return y
+    call = AbnCall(axis, act, float(act_param), training, inplace, float(eps),
+                   float(momentum) if update else None, running_mean, running_var,
+                   counter=counter)
+    return abn_apply(input, weight, bias, call)
 
 
 def _collective(op, tensors, group, what: str) -> None:
@@ -356,9 +476,8 @@ def inplace_abn_sync_train(input, running_mean=None, running_var=None, weight=No
                            act=act, act_param=act_param, inplace=inplace), 0
     if running_mean is not None:
         checks.check_writable(running_mean, running_var)
-    invstd = inv_std(stats.var, eps)
-    y = abn_apply(input, weight, bias, stats.mean, invstd, stats.count, axis, act, act_param,
-                  True, inplace, group)
-    record_step(running_mean, running_var, stats.mean, stats.var, stats.count, momentum,
-                counter)
+    call = AbnCall(axis, act, float(act_param), True, inplace, float(eps),
+                   None if running_mean is None else float(momentum), running_mean,
+                   running_var, stats, group, counter)
+    y = abn_apply(input, weight, bias, call)
     return y, positions

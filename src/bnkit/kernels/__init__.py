@@ -3,7 +3,8 @@
 A backend is a module that meets `contract.Backend`: `NAME`, `available()`,
 `supports(x, axis, mask)`, `status()` and the primitives of the core with the reference
 signatures (`batch_stats`, `normalize`, `backward_reduce`, `backward_elemt`,
-`act_backward`), optionally the one-call `fused_forward` / `fused_backward_op`. Every
+`act_backward`), optionally the one-call `fused_forward` / `fused_backward_op` and
+InPlaceABN's `abn_forward` / `abn_backward_reduce` / `abn_backward_elemt`. Every
 backend is listed once, in `BACKENDS` below. The custom ops in
 `bnkit.functional.autograd` ask `select(x, axis, mask)` for the module, once per call.
 

@@ -5,7 +5,8 @@ A backend is a module (registered in `bnkit.kernels.BACKENDS`) with the attribut
 have the reference signatures and results (`bnkit.kernels.reference`, the oracle);
 `FusedForward` and `FusedBackward` are optional one-call forms a backend may add (the core
 looks them up with getattr and falls back to the primitives when absent or when they
-return None). tests/test_kernels.py runs one conformance suite over every available
+return None); so are InPlaceABN's kernels (`AbnForward`, `AbnBackwardReduce`,
+`AbnBackwardElemt`), without which InPlaceABN runs in torch operations over the primitives. tests/test_kernels.py runs one conformance suite over every available
 backend.
 """
 from __future__ import annotations
@@ -70,8 +71,36 @@ class FusedBackward(Protocol):
                  act="identity"): ...
 
 
+class AbnForward(Protocol):
+    """Optional `abn_forward`: InPlaceABN's forward (bnkit.functional.inplace_abn) in one
+    call. Statistics (the batch's in training, the running buffers' in eval, or `stats` =
+    (mean, var) given), y = act(BN(x)) written into `out` (x itself for the in-place call,
+    else a new tensor laid out as x), and with a `momentum` the running buffers blended
+    (optional: report it) -> (mean, var, invstd, blended); None to decline."""
+
+    def __call__(self, x, out, weight, bias, running_mean, running_var, stats, training, eps,
+                 axis=1, act="leaky_relu", act_param=0.01, momentum=None): ...
+
+
+class AbnBackwardReduce(Protocol):
+    """Optional `abn_backward_reduce`: (sum dz, sum dz (x - mu)) of InPlaceABN's backward from
+    y and dy alone (dz = dy act'(z), z and x - mu recovered from y); None to decline. A
+    backend with it has `abn_backward_elemt` too, taking the same inputs."""
+
+    def __call__(self, dy, y, weight, bias, invstd, axis=1, act="leaky_relu",
+                 act_param=0.01): ...
+
+
+class AbnBackwardElemt(Protocol):
+    """Optional `abn_backward_elemt`: InPlaceABN's dx from y, dy and the (all-reduced) sums."""
+
+    def __call__(self, dy, y, weight, bias, invstd, sum_dz, sum_dz_xmu, count, axis=1,
+                 act="leaky_relu", act_param=0.01, training=True): ...
+
+
 OPTIONAL = {"fused_forward": FusedForward, "fused_backward_op": FusedBackward,
-            "fused_backward": None, "status": None}
+            "fused_backward": None, "status": None, "abn_forward": AbnForward,
+            "abn_backward_reduce": AbnBackwardReduce, "abn_backward_elemt": AbnBackwardElemt}
 
 
 def conforms(module) -> list[str]:

@@ -17,7 +17,9 @@ unlike x in `backward_elemt`) run on the reference primitives inside the same ca
 `fused_forward` and `fused_backward_op` run the whole forward op (statistics,
 coefficients, output, running-stat blend) and the whole backward op (relu's derivative,
 sums, dweight, dbias, dx) in one C++ call each; an eager layer call runs as the C++
-autograd node `bnkit_cpu::bn` (`bnkit.kernels.native`).
+autograd node `bnkit_cpu::bn` (`bnkit.kernels.native`). `abn_forward`,
+`abn_backward_reduce` and `abn_backward_elemt` are InPlaceABN's kernels
+(`bnkit.functional.inplace_abn`): the forward written into x's storage, the backward from y.
 
 Example:
     >>> import torch, bnkit
@@ -43,9 +45,9 @@ except ImportError as _err:
     raise ImportError(extension_error(_err)) from _err
 
 NAME = "cpu"
-__all__ = ["NAME", "act_backward", "available", "backward_elemt", "backward_reduce",
-           "batch_stats", "fused_backward_op", "fused_forward", "normalize", "status",
-           "supports"]
+__all__ = ["NAME", "abn_backward_elemt", "abn_backward_reduce", "abn_forward", "act_backward",
+           "available", "backward_elemt", "backward_reduce", "batch_stats", "fused_backward_op",
+           "fused_forward", "normalize", "status", "supports"]
 
 _DTYPES = (torch.float32, torch.float64)
 _FAST_ACTS = ("identity", "relu")
@@ -159,3 +161,56 @@ def fused_backward_op(dy, x, weight, bias, mean, var, count, mask, training, eps
         return None
     return _ops.backward(dy, x, weight, bias if act == "relu" else None, mean, var, float(count),
                          bool(training), float(eps), axis, act == "relu")
+
+
+def abn_forward(x, out, weight, bias, running_mean, running_var, stats, training, eps, axis=1,
+                act="leaky_relu", act_param=0.01, momentum=None):
+    """InPlaceABN's forward in one C++ call: the statistics (the batch's in training, the
+    running buffers' in eval, or `stats` = (mean, var) given), y = act(BN(x)) written into
+    `out` (x itself for the in-place call, else a tensor laid out as x) and, with a
+    `momentum`, the running buffers blended as `update_running` would (given statistics are
+    not blended here). -> (mean, var, invstd, blended), float64 (C,) each; None to decline
+    (a layout the kernels do not take, buffers elsewhere)."""
+    if not _fast(x, axis) or not L.same_layout(x, out):
+        return None
+    if not training and stats is None and not all(t.is_cpu for t in (running_mean, running_var)):
+        return None
+    blend = (momentum is not None and stats is None and training
+             and _blendable(running_mean, running_var))
+    read = blend or (not training and stats is None)  # the kernel reads the buffers
+    mean_in, var_in = (None, None) if stats is None else stats
+    mean, var, invstd, skipped = _ops.abn_forward(
+        x, out, weight, bias, running_mean if read else None, running_var if read else None,
+        mean_in, var_in, bool(training), float(eps), axis, act, float(act_param),
+        float(momentum) if blend else None)
+    if skipped:  # channels with non-finite statistics kept their running statistics
+        warn_nonfinite(running_mean, mean, var)
+    return mean, var, invstd, blend
+
+
+def _abn_ready(dy, y, axis):
+    """dy in y's layout (a copy when it is not, e.g. the expanded gradient of y.sum()), or
+    None when the kernels do not take y."""
+    if not _fast(y, axis):
+        return None
+    return dy if L.same_layout(y, dy) else torch.empty_like(y).copy_(dy)
+
+
+def abn_backward_reduce(dy, y, weight, bias, invstd, axis=1, act="leaky_relu", act_param=0.01):
+    """(sum dz, sum dz (x - mu)), float64 (C,) each, with dz = dy act'(z) and x - mu
+    recovered from y alone (`bnkit.functional.inplace_abn`); None to decline."""
+    dy = _abn_ready(dy, y, axis)
+    if dy is None:
+        return None
+    return _ops.abn_backward_reduce(dy, y, weight, bias, invstd, axis, act, float(act_param))
+
+
+def abn_backward_elemt(dy, y, weight, bias, invstd, sum_dz, sum_dz_xmu, count, axis=1,
+                       act="leaky_relu", act_param=0.01, training=True):
+    """dx of InPlaceABN from y and dy and the (all-reduced) sums: w s (dz - sum_dz / n -
+    (x - mu) s^2 sum_dz_xmu / n) in training, w s dz in eval; None to decline."""
+    dy = _abn_ready(dy, y, axis)
+    if dy is None:
+        return None
+    return _ops.abn_backward_elemt(dy, y, weight, bias, invstd, sum_dz, sum_dz_xmu,
+                                   float(count), bool(training), axis, act, float(act_param))

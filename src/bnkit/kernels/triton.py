@@ -5,8 +5,10 @@ bfloat16 and float32 input, float64 for float64), on data shifted by one sample 
 channel, then Chan's merge of the partials in float64 (`merge_many`); mean and var come back
 in `acc_dtype(x.dtype)` like the reference's. Normalize, the activation's derivative and the
 elementwise backward share one kernel; the backward reduce is a second reduction.
-Layouts: NCHW-contiguous (seen as (N, C, S)) and channels-last (seen as (M, C)), see
-`triton_layout`. Masks are supported. docs/gpu.md gives the design and the accuracy.
+InPlaceABN's forward (`abn_forward`: statistics, then y = f(BN(x)) written into x's storage
+or a new tensor) and backward from y alone (`abn_backward_reduce`, `abn_backward_elemt`)
+have kernels of their own. Layouts: NCHW-contiguous (seen as (N, C, S)) and channels-last
+(seen as (M, C)), see `triton_layout`. Masks are supported. docs/gpu.md gives the design and the accuracy.
 
 The backend runs CUDA tensors. With TRITON_INTERPRET=1 set before Triton is imported, and
 BNKIT_TRITON_ON_CPU=1, it also runs CPU tensors through Triton's interpreter (for tests:
@@ -26,7 +28,8 @@ import torch
 
 from ..functional.activation import check_act
 from ..functional.backward import elemt_coeffs
-from ..functional.normalize import affine_coeffs
+from ..functional.inplace_abn import inverse_coeffs
+from ..functional.normalize import affine_coeffs, inv_std
 from ..functional.stats import Stats, acc_dtype, compute_dtype, merge_many
 from . import triton_layout as layout
 
@@ -38,8 +41,9 @@ except ImportError:  # the optional `gpu` extra is not installed
 NAME = "triton"
 ON_CPU_ENV = "BNKIT_TRITON_ON_CPU"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-__all__ = ["NAME", "act_backward", "available", "backward_elemt", "backward_reduce",
-           "batch_stats", "fused_backward", "interpreting", "normalize", "status", "supports"]
+__all__ = ["NAME", "abn_backward_elemt", "abn_backward_reduce", "abn_forward", "act_backward",
+           "available", "backward_elemt", "backward_reduce", "batch_stats", "fused_backward",
+           "interpreting", "normalize", "status", "supports"]
 
 
 def interpreting() -> bool:
@@ -264,3 +268,90 @@ def fused_backward(dy, x, mean, invstd, weight, bias, count, axis=1, mask=None,
     dx = _elementwise(_kernels().OP_ELEMT, x, dy, m, vec, torch.empty_like(dy), axis, act,
                       training)
     return dx, sum_dy, sum_dy_xmu
+
+
+def _abn_consts(act_param, cdt, c, device):
+    """(3, C) rows p, 1/p and elu's clamp -1 + eps in the compute dtype, rounded as the
+    torch operations of bnkit.functional.inplace_abn round them."""
+    p = float(act_param)
+    vals = torch.tensor([p, 1.0 / p, -1.0 + torch.finfo(cdt).eps], dtype=cdt, device=device)
+    return vals[:, None].expand(3, c)
+
+
+def _abn_launch(kernel, y, dy, vec, out, axis, act, **flags):
+    """Launch an elementwise InPlaceABN kernel over every tile of y (dy, out share its
+    strides)."""
+    k = _kernels()
+    g = _view(y, axis)
+    p = _plan(g, y)
+    n_rb, n_kb = -(-g.rows // p.block_r), -(-g.cols // p.block_k)
+    lanes = 1 if g.channels_last else g.channels
+    args = (y, out, vec.contiguous()) if dy is None else (y, dy, vec.contiguous(), out)
+    kernel[(lanes * n_rb * n_kb,)](
+        *args, g.rows, g.cols, g.channels, g.row_stride, g.chan_stride, n_rb, n_kb,
+        CL=g.channels_last, ACT=k.ABN_ACT_CODES[act], **flags, BLOCK_R=p.block_r,
+        BLOCK_K=p.block_k, num_warps=p.num_warps)
+    return out
+
+
+def abn_forward(x, out, weight, bias, running_mean, running_var, stats, training, eps, axis=1,
+                act="leaky_relu", act_param=0.01, momentum=None):
+    """InPlaceABN's forward: the statistics (`batch_stats` in training, the running buffers'
+    in eval, or `stats` = (mean, var) given), then y = f(BN(x)) written into `out` (x itself
+    for the in-place call) by one kernel. The running buffers are left to the caller
+    (blended: False). -> (mean, var, invstd, False); None to decline."""
+    if not supports(x, axis, None) or _geometry(out, axis) != _geometry(x, axis):
+        return None
+    adt = acc_dtype(x.dtype)
+    if stats is not None:
+        mean, var = stats
+    elif training:
+        _, mean, var = batch_stats(x, axis)
+    else:
+        mean, var = running_mean.to(adt, copy=True), running_var.to(adt, copy=True)
+    invstd = inv_std(var, eps)
+    cdt = compute_dtype(x.dtype)
+    coeffs = affine_coeffs(mean, invstd, weight, bias, cdt)
+    vec = torch.cat([torch.stack(coeffs), _abn_consts(act_param, cdt, x.shape[axis],
+                                                      x.device)[:1]])
+    _abn_launch(_kernels().abn_forward_kernel, x, None, vec, out, axis, act)
+    return mean, var, invstd, False
+
+
+def abn_backward_reduce(dy, y, weight, bias, invstd, axis=1, act="leaky_relu", act_param=0.01):
+    """(sum dz, sum dz (x - mu)) in acc_dtype from y and dy alone: block partials (float32,
+    float64 for float64 input) summed in float64. None to decline."""
+    if not supports(y, axis, None):
+        return None
+    k = _kernels()
+    dy = _like(dy, y, axis)
+    cdt = compute_dtype(y.dtype)
+    vec = torch.cat([torch.stack(inverse_coeffs(invstd, weight, bias, cdt)),
+                     _abn_consts(act_param, cdt, y.shape[axis], y.device)])
+    g = _view(y, axis)
+    p = _plan(g, y)
+    part = torch.empty((2, p.parts, g.channels), dtype=_part_dtype(y), device=y.device)
+    k.abn_reduce_kernel[(p.lanes, p.parts)](
+        y, dy, vec.contiguous(), part, g.rows, g.cols, g.channels, g.row_stride, g.chan_stride,
+        p.rows_per, p.cols_per, p.splits_k, CL=g.channels_last, ACT=k.ABN_ACT_CODES[act],
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.num_warps)
+    s_dz, s_dzx = part.double().sum(1)
+    adt = acc_dtype(y.dtype)
+    return s_dz.to(adt), s_dzx.to(adt)
+
+
+def abn_backward_elemt(dy, y, weight, bias, invstd, sum_dz, sum_dz_xmu, count, axis=1,
+                       act="leaky_relu", act_param=0.01, training=True):
+    """InPlaceABN's dx from y, dy and the (all-reduced) sums, in dy's dtype; None to
+    decline."""
+    if not supports(y, axis, None):
+        return None
+    dy = _like(dy, y, axis)
+    cdt = compute_dtype(y.dtype)
+    zero = torch.zeros_like(invstd)  # x - mu is recovered centred
+    _, a, kc, c = elemt_coeffs(zero, invstd, weight, sum_dz, sum_dz_xmu, count, cdt, training)
+    vec = torch.cat([torch.stack(inverse_coeffs(invstd, weight, bias, cdt)),
+                     _abn_consts(act_param, cdt, y.shape[axis], y.device),
+                     torch.stack([a.to(cdt), kc, c])])
+    return _abn_launch(_kernels().abn_dx_kernel, y, dy, vec, torch.empty_like(dy), axis, act,
+                       CORR=bool(training))

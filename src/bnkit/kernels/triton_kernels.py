@@ -1,5 +1,6 @@
 """Triton kernels of the GPU backend: one reduction for the statistics, one for the backward
-reduce, and one elementwise kernel for normalize, the activation's derivative and dx.
+reduce, and one elementwise kernel for normalize, the activation's derivative and dx; and
+InPlaceABN's three (its forward write, and the backward's reduction and dx from y alone).
 
 Every kernel walks tiles of the 2-D view described in `triton_layout` (rows x unit-stride
 columns; CL: columns are channels, CF: one channel per program). Per-channel vectors come in
@@ -237,3 +238,135 @@ def elementwise_kernel(x_ptr, dy_ptr, m_ptr, vec_ptr, out_ptr, rows, cols, C, ro
                 corr = xc * _chan(vec_ptr, 4, C, a, k, CL) + _chan(vec_ptr, 5, C, a, k, CL)
                 out = out + tl.where(w, corr, 0.0)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+# ---- InPlaceABN (bnkit.functional.inplace_abn): y = f(BN(x)) and its backward from y --------
+# Activation codes: identity, leaky_relu (slope p), elu (alpha p). Per-channel vectors come in
+# the compute dtype (so are p, 1/p and elu's clamp -1 + eps, one row each: a float argument
+# would be float32).
+ABN_ACT_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
+
+
+@triton.jit
+def _expm1_neg(z):
+    """e^z - 1 for z <= 0, accurate near 0 (Kahan: (u - 1) z / log u with u = e^z)."""
+    u = tl.exp(z)
+    ok = (u != 1.0) & (u > 1e-30)
+    lu = tl.log(tl.where(ok, u, 2.0))
+    return tl.where(ok, (u - 1.0) * z / lu, tl.where(u == 1.0, z, u - 1.0))
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) for u > -1, accurate near 0 (Goldberg: log(w) u / (w - 1), w = 1 + u)."""
+    w = 1.0 + u
+    d = w - 1.0
+    return tl.where(d == 0.0, u, tl.log(w) * u / tl.where(d == 0.0, 1.0, d))
+
+
+@triton.jit
+def _abn_act(z, p, ACT: tl.constexpr):
+    """f(z): leaky_relu (slope p), elu (alpha p) or identity."""
+    if ACT == 1:
+        return tl.where(z > 0, z, z * p)
+    elif ACT == 2:
+        return tl.where(z <= 0, _expm1_neg(tl.minimum(z, 0.0)) * p, z)
+    else:
+        return z
+
+
+@triton.jit
+def _abn_recover(y, g, r, h, p, inv_p, lo, ACT: tl.constexpr):
+    """(dz, x - mu) from y and dy: z = f^-1(y), dz = dy f'(z) read from y, x - mu = z r + h."""
+    if ACT == 1:
+        z = tl.where(y > 0, y, y * inv_p)
+        dz = tl.where(y > 0, g, g * p)
+    elif ACT == 2:
+        p_safe = tl.where(p == 0, 1.0, p)  # 0 only in a tile's padding (channels-last)
+        z = tl.where(y > 0, y, _log1p(tl.maximum(y / p_safe, lo)))
+        dz = tl.where(y <= 0, g * (y + p), g)
+    else:
+        z = y
+        dz = g
+    return dz, z * r + h
+
+
+@triton.jit
+def abn_forward_kernel(x_ptr, out_ptr, vec_ptr, rows, cols, C, row_stride, chan_stride, n_rb,
+                       n_kb, CL: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """One tile of y = f((x - mean_hi) * scale + shift) into out (which may be x: each value
+    is loaded before it is stored). vec rows: mean_hi, scale, shift, p."""
+    pid = tl.program_id(0)
+    a = pid // (n_rb * n_kb)
+    rb = (pid // n_kb) % n_rb
+    kb = pid % n_kb
+    cdt = vec_ptr.dtype.element_ty
+    offs, inb, _w, k = _tile(a, rb * BLOCK_R, kb * BLOCK_K, rows, cols, row_stride,
+                             chan_stride, 0, 0, x_ptr, CL, False, BLOCK_R, BLOCK_K)
+    xc = tl.load(x_ptr + offs, mask=inb, other=0.0).to(cdt) - _chan(vec_ptr, 0, C, a, k, CL)
+    z = xc * _chan(vec_ptr, 1, C, a, k, CL) + _chan(vec_ptr, 2, C, a, k, CL)
+    y = _abn_act(z, _chan(vec_ptr, 3, C, a, k, CL), ACT)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def abn_reduce_kernel(y_ptr, dy_ptr, vec_ptr, part_ptr, rows, cols, C, row_stride,
+                      chan_stride, rows_per, cols_per, splits_k, CL: tl.constexpr,
+                      ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial (sum dz, sum dz (x - mu)) of program (a, p) into part[(2, P, C)], both
+    recovered from y and dy. vec rows: r, h, p, 1/p, lo."""
+    a = tl.program_id(0)
+    p = tl.program_id(1)
+    acc = part_ptr.dtype.element_ty
+    cdt = vec_ptr.dtype.element_ty
+    r_start, r_end, k_start, k_end = _ranges(a, p, rows, cols, rows_per, cols_per, splits_k,
+                                             CL, BLOCK_K)
+    kk = k_start + tl.arange(0, BLOCK_K)
+    r = _chan(vec_ptr, 0, C, a, kk, CL)
+    h = _chan(vec_ptr, 1, C, a, kk, CL)
+    ap = _chan(vec_ptr, 2, C, a, kk, CL)
+    inv_p = _chan(vec_ptr, 3, C, a, kk, CL)
+    lo = _chan(vec_ptr, 4, C, a, kk, CL)
+    s_dz = tl.zeros([BLOCK_K], dtype=acc)
+    s_dzx = tl.zeros([BLOCK_K], dtype=acc)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs, inb, _w, _k = _tile(a, r0, k0, r_end, k_end, row_stride, chan_stride, 0, 0,
+                                      y_ptr, CL, False, BLOCK_R, BLOCK_K)
+            y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(cdt)
+            g = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(cdt)
+            dz, xmu = _abn_recover(y, g, r, h, ap, inv_p, lo, ACT)
+            dz = tl.where(inb, dz, 0.0).to(acc)
+            xmu = tl.where(inb, xmu, 0.0).to(acc)
+            s_dz = s_dz + tl.sum(dz, axis=0)
+            s_dzx = s_dzx + tl.sum(dz * xmu, axis=0)
+    if not CL:
+        s_dz = tl.sum(s_dz, axis=0)
+        s_dzx = tl.sum(s_dzx, axis=0)
+    _store_part(part_ptr, 0, p, C, a, kk, k_end, s_dz, CL)
+    _store_part(part_ptr, 1, p, C, a, kk, k_end, s_dzx, CL)
+
+
+@triton.jit
+def abn_dx_kernel(y_ptr, dy_ptr, vec_ptr, out_ptr, rows, cols, C, row_stride, chan_stride,
+                  n_rb, n_kb, CL: tl.constexpr, ACT: tl.constexpr, CORR: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of dx = (c + (x - mu) k) + dz a (CORR: training) or dz a, with dz and x - mu
+    recovered from y and dy. vec rows: r, h, p, 1/p, lo, a, k, c."""
+    pid = tl.program_id(0)
+    a = pid // (n_rb * n_kb)
+    rb = (pid // n_kb) % n_rb
+    kb = pid % n_kb
+    cdt = vec_ptr.dtype.element_ty
+    offs, inb, _w, k = _tile(a, rb * BLOCK_R, kb * BLOCK_K, rows, cols, row_stride,
+                             chan_stride, 0, 0, y_ptr, CL, False, BLOCK_R, BLOCK_K)
+    y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(cdt)
+    g = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(cdt)
+    dz, xmu = _abn_recover(y, g, _chan(vec_ptr, 0, C, a, k, CL), _chan(vec_ptr, 1, C, a, k, CL),
+                           _chan(vec_ptr, 2, C, a, k, CL), _chan(vec_ptr, 3, C, a, k, CL),
+                           _chan(vec_ptr, 4, C, a, k, CL), ACT)
+    dx = dz * _chan(vec_ptr, 5, C, a, k, CL)
+    if CORR:
+        dx = (_chan(vec_ptr, 7, C, a, k, CL) + xmu * _chan(vec_ptr, 6, C, a, k, CL)) + dx
+    tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=inb)
