@@ -14,16 +14,35 @@ namespace {
 
 constexpr int LANES = 8;
 
+// relu's gate: the forward's affine coefficients per channel (m null: no gate, dy as is).
 template <class T>
-void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, double& s,
-              double& q) {
+struct Gate {
+  const T *m, *a, *h;
+};
+
+// dz = dy relu'(z), z = (x - gm) * ga + gh recomputed in T (relu'(z) = 1 or 0 as T).
+template <class T>
+inline T gated(T g, T x, T gm, T ga, T gh) {
+  return g * ((x - gm) * ga + gh > T(0) ? T(1) : T(0));
+}
+
+// s += sum g, q += sum g (x - m) over n values of one channel, g = dy or its gated form.
+template <class T, bool GATE>
+void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, T gm, T ga, T gh,
+              double& s, double& q) {
   double as[LANES] = {0}, aq[LANES] = {0};
   I i = 0;
 #ifdef BNKIT_VECTOR_EXT
   const f64x4 mv = splat4(m);
   f64x4 s0 = splat4(0), s1 = splat4(0), q0 = splat4(0), q1 = splat4(0);
   for (; i + LANES <= n; i += LANES) {
-    const f64x4 g0 = load4(dy + i), g1 = load4(dy + i + 4);
+    T gb[LANES];
+    const T* g = dy + i;
+    if (GATE) {
+      for (int l = 0; l < LANES; ++l) gb[l] = gated(dy[i + l], x[i + l], gm, ga, gh);
+      g = gb;
+    }
+    const f64x4 g0 = load4(g), g1 = load4(g + 4);
     s0 += g0;
     s1 += g1;
     q0 += g0 * (load4(x + i) - mv);
@@ -34,14 +53,16 @@ void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, 
 #else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) {
-      const double g = static_cast<double>(dy[i + l]);
+      const T gt = GATE ? gated(dy[i + l], x[i + l], gm, ga, gh) : dy[i + l];
+      const double g = static_cast<double>(gt);
       as[l] += g;
       aq[l] += g * (static_cast<double>(x[i + l]) - m);
     }
 #endif
   double ss = 0, sq = 0;
   for (; i < n; ++i) {
-    const double g = static_cast<double>(dy[i]);
+    const T gt = GATE ? gated(dy[i], x[i], gm, ga, gh) : dy[i];
+    const double g = static_cast<double>(gt);
     ss += g;
     sq += g * (static_cast<double>(x[i]) - m);
   }
@@ -53,9 +74,22 @@ void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, 
   q += sq;
 }
 
+// The sums of channel c over rows [o0, o1) and values [s0, s1) of each row.
+template <class T>
+void channel_sums(const T* dy, const T* x, const View& v, I c, I o0, I o1, I s0, I s1,
+                  const double* mean, const Gate<T>& gate, double& s, double& q) {
+  for (I o = o0; o < o1; ++o) {
+    const I i0 = (o * v.C + c) * v.inner + s0;
+    if (gate.m)
+      row_sums<T, true>(dy + i0, x + i0, s1 - s0, mean[c], gate.m[c], gate.a[c], gate.h[c], s, q);
+    else
+      row_sums<T, false>(dy + i0, x + i0, s1 - s0, mean[c], T(0), T(0), T(0), s, q);
+  }
+}
+
 template <class T>
 void cf_sums(const T* dy, const T* x, const View& v, I threads, const double* mean,
-             double* sum_dy, double* sum_dy_xmu) {
+             const Gate<T>& gate, double* sum_dy, double* sum_dy_xmu) {
   const Split sp = cf_split(v, threads);
   const I P = ceil_div(v.outer, sp.rows) * sp.pieces;
   std::vector<double> ps(v.C * P), pq(v.C * P);
@@ -64,10 +98,7 @@ void cf_sums(const T* dy, const T* x, const View& v, I threads, const double* me
     const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
     const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
     double s = 0, q = 0;
-    for (I o = o0; o < o1; ++o) {
-      const I i0 = (o * v.C + c) * v.inner + s0;
-      row_sums(dy + i0, x + i0, s1 - s0, mean[c], s, q);
-    }
+    channel_sums(dy, x, v, c, o0, o1, s0, s1, mean, gate, s, q);
     ps[t] = s;
     pq[t] = q;
   });
@@ -82,24 +113,34 @@ void cf_sums(const T* dy, const T* x, const View& v, I threads, const double* me
   }
 }
 
+// One channels-last row into the per-channel partial sums s, q.
+template <class T, bool GATE>
+inline void cl_row_sums(const T* __restrict__ dy, const T* __restrict__ x, I C,
+                        const double* __restrict__ mean, const Gate<T>& gate,
+                        double* __restrict__ s, double* __restrict__ q) {
+  for (I c = 0; c < C; ++c) {
+    const T gt = GATE ? gated(dy[c], x[c], gate.m[c], gate.a[c], gate.h[c]) : dy[c];
+    const double g = static_cast<double>(gt);
+    s[c] += g;
+    q[c] += g * (static_cast<double>(x[c]) - mean[c]);
+  }
+}
+
 template <class T>
 void cl_sums(const T* dy, const T* x, const View& v, I threads, const double* mean,
-             double* sum_dy, double* sum_dy_xmu) {
+             const Gate<T>& gate, double* sum_dy, double* sum_dy_xmu) {
   const I M = v.outer, C = v.C;
   const I rows = cl_rows(M, C, threads);
   const I P = ceil_div(M, rows);
   std::vector<double> ps(P * C, 0.0), pq(P * C, 0.0);
   run_tasks(P, threads, [&](I j) {
-    double* __restrict__ s = &ps[j * C];
-    double* __restrict__ q = &pq[j * C];
+    double* s = &ps[j * C];
+    double* q = &pq[j * C];
     for (I m = j * rows; m < std::min(M, (j + 1) * rows); ++m) {
-      const T* dyr = dy + m * C;
-      const T* xr = x + m * C;
-      for (I c = 0; c < C; ++c) {
-        const double g = static_cast<double>(dyr[c]);
-        s[c] += g;
-        q[c] += g * (static_cast<double>(xr[c]) - mean[c]);
-      }
+      if (gate.m)
+        cl_row_sums<T, true>(dy + m * C, x + m * C, C, mean, gate, s, q);
+      else
+        cl_row_sums<T, false>(dy + m * C, x + m * C, C, mean, gate, s, q);
     }
   });
   for (I c = 0; c < C; ++c) {
@@ -113,25 +154,52 @@ void cl_sums(const T* dy, const T* x, const View& v, I threads, const double* me
     }
 }
 
-// Runs f(offset, n, c) over the elementwise tasks: runs of n values of channel c.
-template <class T, class F>
-void each_run(const View& v, I threads, const F& f) {
-  if (v.inner == 1) {
-    const I rows = std::max<I>(1, BLOCK / v.C);
-    run_tasks(ceil_div(v.outer, rows), threads, [&](I t) {
-      for (I m = t * rows; m < std::min(v.outer, (t + 1) * rows); ++m) f(m * v.C, v.C, I(-1));
-    });
-    return;
-  }
-  const I nrows = v.outer * v.C;
-  const RowSplit rs = row_split(nrows, v.inner);
-  run_tasks(rs.tasks, threads, [&](I t) {
-    const I r0 = (t / rs.pieces) * rs.per, r1 = std::min(nrows, r0 + rs.per);
-    const I s0 = (t % rs.pieces) * rs.width, s1 = std::min(v.inner, s0 + rs.width);
-    I c = r0 % v.C;
-    for (I r = r0; r < r1; ++r) {
-      f(r * v.inner + s0, s1 - s0, c);
-      c = c + 1 < v.C ? c + 1 : 0;
+// dx over n values of one channel: (cc + (x - m) k) + g a (training) or g a (eval), g = dy
+// or its gated form.
+template <class T, bool GATE>
+inline void elemt_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, I n,
+                      T m, T a, T k, T cc, bool training, T gm, T ga, T gh) {
+  if (training)
+    for (I j = 0; j < n; ++j) {
+      const T g = GATE ? gated(dy[j], x[j], gm, ga, gh) : dy[j];
+      dx[j] = (cc + (x[j] - m) * k) + g * a;
+    }
+  else
+    for (I j = 0; j < n; ++j) {
+      const T g = GATE ? gated(dy[j], x[j], gm, ga, gh) : dy[j];
+      dx[j] = g * a;
+    }
+}
+
+// The same over a channels-last row (value j belongs to channel j).
+template <class T, bool GATE>
+inline void elemt_cl_row(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                         I C, const T* __restrict__ m, const T* __restrict__ a,
+                         const T* __restrict__ k, const T* __restrict__ cc, bool training,
+                         const Gate<T>& gate) {
+  if (training)
+    for (I j = 0; j < C; ++j) {
+      const T g = GATE ? gated(dy[j], x[j], gate.m[j], gate.a[j], gate.h[j]) : dy[j];
+      dx[j] = (cc[j] + (x[j] - m[j]) * k[j]) + g * a[j];
+    }
+  else
+    for (I j = 0; j < C; ++j) {
+      const T g = GATE ? gated(dy[j], x[j], gate.m[j], gate.a[j], gate.h[j]) : dy[j];
+      dx[j] = g * a[j];
+    }
+}
+
+template <class T, bool GATE>
+void elemt(const T* dy, const T* x, T* dx, const View& v, I threads, const T* mh, const T* a,
+           const T* k, const T* c, bool training, const Gate<T>& gate) {
+  each_run(v, threads, [&](I i0, I n, I ch) {
+    if (ch < 0) {
+      elemt_cl_row<T, GATE>(dy + i0, x + i0, dx + i0, n, mh, a, k, c, training, gate);
+    } else {
+      const T gm = GATE ? gate.m[ch] : T(0), ga = GATE ? gate.a[ch] : T(0),
+              gh = GATE ? gate.h[ch] : T(0);
+      elemt_run<T, GATE>(dy + i0, x + i0, dx + i0, n, mh[ch], a[ch], k[ch], c[ch], training, gm,
+                         ga, gh);
     }
   });
 }
@@ -139,23 +207,22 @@ void each_run(const View& v, I threads, const F& f) {
 }  // namespace
 
 template <class T>
-void dy_sums(const T* dy, const T* x, const View& v, I threads, const double* mean,
-             double* sum_dy, double* sum_dy_xmu) {
+void dy_sums(const T* dy, const T* x, const View& v, I threads, const double* mean, const T* gmh,
+             const T* gsc, const T* gsh, double* sum_dy, double* sum_dy_xmu) {
+  const Gate<T> gate{gmh, gsc, gsh};
   if (v.inner == 1)
-    cl_sums(dy, x, v, threads, mean, sum_dy, sum_dy_xmu);
+    cl_sums(dy, x, v, threads, mean, gate, sum_dy, sum_dy_xmu);
   else
-    cf_sums(dy, x, v, threads, mean, sum_dy, sum_dy_xmu);
+    cf_sums(dy, x, v, threads, mean, gate, sum_dy, sum_dy_xmu);
 }
 
 template <class T>
 void relu_grad(const T* dy, const T* x, T* dz, const View& v, I threads, const T* mh,
                const T* sc, const T* sh) {
-  // c < 0: a channels-last row of all C channels
-  each_run<T>(v, threads, [&](I i0, I n, I c) {
+  each_run(v, threads, [&](I i0, I n, I c) {  // c < 0: a channels-last row of all C channels
     for (I k = 0; k < n; ++k) {
       const I ch = c < 0 ? k : c;
-      const T z = (x[i0 + k] - mh[ch]) * sc[ch] + sh[ch];
-      dz[i0 + k] = dy[i0 + k] * (z > T(0) ? T(1) : T(0));
+      dz[i0 + k] = gated(dy[i0 + k], x[i0 + k], mh[ch], sc[ch], sh[ch]);
     }
   });
 }
@@ -183,82 +250,47 @@ void elemt_coeffs(const double* mean, const double* invstd, const double* w, con
 
 template <class T>
 void backward_elemt(const T* dy, const T* x, T* dx, const View& v, I threads, const T* mh,
-                    const T* a, const T* k, const T* c, bool training) {
-  if (v.inner == 1) {
-    each_run<T>(v, threads, [&](I i0, I n, I) {
-      if (training)
-        for (I ch = 0; ch < n; ++ch)
-          dx[i0 + ch] = (c[ch] + (x[i0 + ch] - mh[ch]) * k[ch]) + dy[i0 + ch] * a[ch];
-      else
-        for (I ch = 0; ch < n; ++ch) dx[i0 + ch] = dy[i0 + ch] * a[ch];
-    });
-    return;
-  }
-  each_run<T>(v, threads, [&](I i0, I n, I ch) {
-    const T m = mh[ch], ac = a[ch], kc = k[ch], cc = c[ch];
-    const T* dyr = dy + i0;
-    const T* xr = x + i0;
-    T* dxr = dx + i0;
-    if (training)
-      for (I j = 0; j < n; ++j) dxr[j] = (cc + (xr[j] - m) * kc) + dyr[j] * ac;
-    else
-      for (I j = 0; j < n; ++j) dxr[j] = dyr[j] * ac;
-  });
+                    const T* a, const T* k, const T* c, bool training, const T* gmh,
+                    const T* gsc, const T* gsh) {
+  const Gate<T> gate{gmh, gsc, gsh};
+  if (gmh)
+    elemt<T, true>(dy, x, dx, v, threads, mh, a, k, c, training, gate);
+  else
+    elemt<T, false>(dy, x, dx, v, threads, mh, a, k, c, training, gate);
 }
 
 template <class T>
 void fused_backward(const T* dy, const T* x, T* dx, const View& v, I threads, const double* mean,
                     const double* invstd, const double* w, double n, const T* gmh,
                     const T* gsc, const T* gsh, double* sum_dy, double* sum_dy_xmu) {
+  const Gate<T> gate{gmh, gsc, gsh};
   run_tasks(v.C, threads, [&](I c) {
-    const I step = v.C * v.inner;
     double s = 0, q = 0;
-    if (gmh == nullptr) {
-      for (I o = 0; o < v.outer; ++o) {
-        const I i0 = (o * v.C + c) * v.inner;
-        row_sums(dy + i0, x + i0, v.inner, mean[c], s, q);
-      }
-    } else {  // dz = dy relu'(z), formed in T as the relu backward forms it
-      const T m = gmh[c], a = gsc[c], h = gsh[c];
-      for (I o = 0; o < v.outer; ++o) {
-        const I i0 = (o * v.C + c) * v.inner;
-        for (I j = 0; j < v.inner; ++j) {
-          const T g = dy[i0 + j] * ((x[i0 + j] - m) * a + h > T(0) ? T(1) : T(0));
-          s += static_cast<double>(g);
-          q += static_cast<double>(g) * (static_cast<double>(x[i0 + j]) - mean[c]);
-        }
-      }
-    }
+    channel_sums(dy, x, v, c, 0, v.outer, 0, v.inner, mean, gate, s, q);
     sum_dy[c] = s;
     sum_dy_xmu[c] = q;
     T mh, a, k, cc;
     elemt_coeffs(mean + c, invstd + c, w ? w + c : nullptr, &s, &q, n, true, 1, &mh, &a, &k, &cc);
+    const T gm = gmh ? gmh[c] : T(0), ga = gmh ? gsc[c] : T(0), gh = gmh ? gsh[c] : T(0);
     for (I o = 0; o < v.outer; ++o) {
-      const I i0 = o * step + c * v.inner;
-      const T* __restrict__ dyr = dy + i0;
-      const T* __restrict__ xr = x + i0;
-      T* __restrict__ dxr = dx + i0;
-      if (gmh == nullptr) {
-        for (I j = 0; j < v.inner; ++j) dxr[j] = (cc + (xr[j] - mh) * k) + dyr[j] * a;
-      } else {
-        const T gm = gmh[c], ga = gsc[c], gh = gsh[c];
-        for (I j = 0; j < v.inner; ++j) {
-          const T g = dyr[j] * ((xr[j] - gm) * ga + gh > T(0) ? T(1) : T(0));
-          dxr[j] = (cc + (xr[j] - mh) * k) + g * a;
-        }
-      }
+      const I i0 = (o * v.C + c) * v.inner;
+      if (gmh)
+        elemt_run<T, true>(dy + i0, x + i0, dx + i0, v.inner, mh, a, k, cc, true, gm, ga, gh);
+      else
+        elemt_run<T, false>(dy + i0, x + i0, dx + i0, v.inner, mh, a, k, cc, true, gm, ga, gh);
     }
   });
 }
 
 #define BNKIT_INSTANTIATE(T)                                                                    \
-  template void dy_sums<T>(const T*, const T*, const View&, I, const double*, double*, double*); \
+  template void dy_sums<T>(const T*, const T*, const View&, I, const double*, const T*, const T*, \
+                           const T*, double*, double*);                                         \
   template void relu_grad<T>(const T*, const T*, T*, const View&, I, const T*, const T*,       \
                              const T*);                                                         \
   template void elemt_coeffs<T>(const double*, const double*, const double*, const double*,     \
                                 const double*, double, bool, I, T*, T*, T*, T*);                \
   template void backward_elemt<T>(const T*, const T*, T*, const View&, I, const T*, const T*,  \
-                                  const T*, const T*, bool);                                    \
+                                  const T*, const T*, bool, const T*, const T*, const T*);      \
   template void fused_backward<T>(const T*, const T*, T*, const View&, I, const double*,       \
                                   const double*, const double*, double, const T*, const T*,    \
                                   const T*, double*, double*);
