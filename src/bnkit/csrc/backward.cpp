@@ -33,8 +33,8 @@ void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, 
   double as[LANES] = {0}, aq[LANES] = {0};
   I i = 0;
 #ifdef BNKIT_VECTOR_EXT
-  const f64x4 mv = splat4(m);
-  f64x4 s0 = splat4(0), s1 = splat4(0), q0 = splat4(0), q1 = splat4(0);
+  const V8 mv = splat8(m);
+  V8 s8 = splat8(0), q8 = splat8(0);
   for (; i + LANES <= n; i += LANES) {
     T gb[LANES];
     const T* g = dy + i;
@@ -42,14 +42,12 @@ void row_sums(const T* __restrict__ dy, const T* __restrict__ x, I n, double m, 
       for (int l = 0; l < LANES; ++l) gb[l] = gated(dy[i + l], x[i + l], gm, ga, gh);
       g = gb;
     }
-    const f64x4 g0 = load4(g), g1 = load4(g + 4);
-    s0 += g0;
-    s1 += g1;
-    q0 += g0 * (load4(x + i) - mv);
-    q1 += g1 * (load4(x + i + 4) - mv);
+    const V8 g8 = load8(g);
+    s8 += g8;
+    q8 += g8 * (load8(x + i) - mv);
   }
-  store8(s0, s1, as);
-  store8(q0, q1, aq);
+  store8(s8, as);
+  store8(q8, aq);
 #else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) {

@@ -20,12 +20,9 @@ double sum_of(const T* __restrict__ x, I n) {
   double acc[LANES] = {0};
   I i = 0;
 #ifdef BNKIT_VECTOR_EXT
-  f64x4 a0 = splat4(0), a1 = splat4(0);
-  for (; i + LANES <= n; i += LANES) {
-    a0 += load4(x + i);
-    a1 += load4(x + i + 4);
-  }
-  store8(a0, a1, acc);
+  V8 a = splat8(0);
+  for (; i + LANES <= n; i += LANES) a += load8(x + i);
+  store8(a, acc);
 #else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) acc[l] += static_cast<double>(x[i + l]);
@@ -42,17 +39,15 @@ void sqdev(const T* __restrict__ x, I n, double m, double& q, double& r) {
   double aq[LANES] = {0}, ar[LANES] = {0};
   I i = 0;
 #ifdef BNKIT_VECTOR_EXT
-  const f64x4 mv = splat4(m);
-  f64x4 q0 = splat4(0), q1 = splat4(0), r0 = splat4(0), r1 = splat4(0);
+  const V8 mv = splat8(m);
+  V8 q8 = splat8(0), r8 = splat8(0);
   for (; i + LANES <= n; i += LANES) {
-    const f64x4 d0 = load4(x + i) - mv, d1 = load4(x + i + 4) - mv;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-    r0 += d0;
-    r1 += d1;
+    const V8 d = load8(x + i) - mv;
+    q8 += d * d;
+    r8 += d;
   }
-  store8(q0, q1, aq);
-  store8(r0, r1, ar);
+  store8(q8, aq);
+  store8(r8, ar);
 #else
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) {
