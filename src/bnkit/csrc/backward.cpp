@@ -1,5 +1,6 @@
 // The backward passes (see kernels.h): the per-channel sums, relu's derivative and the
 // elementwise dx. Sums run in float64 over 8 independent lanes (a fixed order).
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -111,16 +112,53 @@ void cf_sums(const T* dy, const T* x, const View& v, I threads, const double* me
   }
 }
 
-// One channels-last row into the per-channel partial sums s, q.
+// The sums of rows [m0, m1) of (M, C) into s, q (zeroed here): rows in tiles of TILE_ROWS
+// read in memory order and, within a tile, blocks of 8 channels held in registers (V8),
+// then the remaining channels one at a time. Each channel adds its rows in order, as a
+// plain row-by-row loop would, loading and storing its sums once per tile.
+constexpr I TILE_ROWS = 16;
+
 template <class T, bool GATE>
-inline void cl_row_sums(const T* __restrict__ dy, const T* __restrict__ x, I C,
-                        const double* __restrict__ mean, const Gate<T>& gate,
-                        double* __restrict__ s, double* __restrict__ q) {
-  for (I c = 0; c < C; ++c) {
-    const T gt = GATE ? gated(dy[c], x[c], gate.m[c], gate.a[c], gate.h[c]) : dy[c];
-    const double g = static_cast<double>(gt);
-    s[c] += g;
-    q[c] += g * (static_cast<double>(x[c]) - mean[c]);
+void cl_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, I m0, I m1, I C,
+                   const double* __restrict__ mean, const Gate<T>& gate, double* __restrict__ s,
+                   double* __restrict__ q) {
+  std::fill(s, s + C, 0.0);
+  std::fill(q, q + C, 0.0);
+  for (I t0 = m0; t0 < m1; t0 += TILE_ROWS) {
+    const I t1 = std::min(m1, t0 + TILE_ROWS);
+    I c = 0;
+#ifdef BNKIT_VECTOR_EXT
+    for (; c + LANES <= C; c += LANES) {
+      const V8 mv = load8(mean + c);
+      V8 s8 = load8(s + c), q8 = load8(q + c);
+      for (I m = t0; m < t1; ++m) {
+        const T* g = dy + m * C + c;
+        T gb[LANES];
+        if (GATE) {
+          for (int l = 0; l < LANES; ++l)
+            gb[l] = gated(g[l], x[m * C + c + l], gate.m[c + l], gate.a[c + l], gate.h[c + l]);
+          g = gb;
+        }
+        const V8 g8 = load8(g);
+        s8 += g8;
+        q8 += g8 * (load8(x + m * C + c) - mv);
+      }
+      store8(s8, s + c);
+      store8(q8, q + c);
+    }
+#endif
+    for (; c < C; ++c) {
+      double sc = s[c], qc = q[c];
+      for (I m = t0; m < t1; ++m) {
+        const T gt = GATE ? gated(dy[m * C + c], x[m * C + c], gate.m[c], gate.a[c], gate.h[c])
+                          : dy[m * C + c];
+        const double g = static_cast<double>(gt);
+        sc += g;
+        qc += g * (static_cast<double>(x[m * C + c]) - mean[c]);
+      }
+      s[c] = sc;
+      q[c] = qc;
+    }
   }
 }
 
@@ -130,16 +168,13 @@ void cl_sums(const T* dy, const T* x, const View& v, I threads, const double* me
   const I M = v.outer, C = v.C;
   const I rows = cl_rows(M, C, threads);
   const I P = ceil_div(M, rows);
-  std::vector<double> ps(P * C, 0.0), pq(P * C, 0.0);
+  std::vector<double> ps(P * C), pq(P * C);
   run_tasks(P, threads, [&](I j) {
-    double* s = &ps[j * C];
-    double* q = &pq[j * C];
-    for (I m = j * rows; m < std::min(M, (j + 1) * rows); ++m) {
-      if (gate.m)
-        cl_row_sums<T, true>(dy + m * C, x + m * C, C, mean, gate, s, q);
-      else
-        cl_row_sums<T, false>(dy + m * C, x + m * C, C, mean, gate, s, q);
-    }
+    const I m0 = j * rows, m1 = std::min(M, m0 + rows);
+    if (gate.m)
+      cl_chunk_sums<T, true>(dy, x, m0, m1, C, mean, gate, &ps[j * C], &pq[j * C]);
+    else
+      cl_chunk_sums<T, false>(dy, x, m0, m1, C, mean, gate, &ps[j * C], &pq[j * C]);
   });
   for (I c = 0; c < C; ++c) {
     sum_dy[c] = 0;
