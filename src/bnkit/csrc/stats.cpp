@@ -105,6 +105,54 @@ void merge(const double* pn, const double* pm, const double* pq, I C, I P, I cs,
   }
 }
 
+// (n, mean, M2) += a part's (nb, mb, m2b): Chan's pairwise merge.
+inline void chan_add(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (nb == 0) return;
+  const double nn = n + nb, d = mb - mean;
+  mean += d * (nb / nn);
+  m2 += m2b + d * d * (n * nb / nn);
+  n = nn;
+}
+
+// (n, mean, M2) of rows [o0, o1), values [s0, s1) of channel c. float: one pass per group of
+// at most SHIFT_ROWS values (whole row slices, or pieces of a longer one), deviations from
+// the group's first value, groups joined by Chan's merge: the bound of cl_shifted below
+// holds per group. double: two passes over the chunk (the second from L2).
+template <class T>
+void cf_chunk(const T* x, const View& v, I c, I o0, I o1, I s0, I s1, double& n, double& mean,
+              double& m2) {
+  const I len = s1 - s0;
+  auto at = [&](I o, I s) { return x + (o * v.C + c) * v.inner + s; };
+  n = 0;
+  mean = 0;
+  m2 = 0;
+  if (sizeof(T) == 8) {
+    n = static_cast<double>((o1 - o0) * len);
+    double s = 0;
+    for (I o = o0; o < o1; ++o) s += sum_of(at(o, s0), len);
+    const double m = s / std::max(n, 1.0);
+    double q = 0, r = 0;
+    for (I o = o0; o < o1; ++o) sqdev(at(o, s0), len, m, q, r);
+    corrected(m, q, r, n, mean, m2);
+    return;
+  }
+  const I rows = std::max<I>(1, SHIFT_ROWS / std::max<I>(len, 1));  // whole rows per group
+  const I piece = std::min(len, SHIFT_ROWS);                         // or pieces of one row
+  for (I g0 = o0; g0 < o1; g0 += rows) {
+    const I g1 = std::min(o1, g0 + rows);
+    for (I p0 = s0; p0 < s1; p0 += piece) {
+      const I p1 = std::min(s1, p0 + piece);
+      const double shift = static_cast<double>(*at(g0, p0));
+      double q = 0, r = 0;
+      for (I o = g0; o < g1; ++o) sqdev(at(o, p0), p1 - p0, shift, q, r);
+      double gm, g2;
+      const double k = static_cast<double>((g1 - g0) * (p1 - p0));
+      corrected(shift, q, r, k, gm, g2);
+      chan_add(n, mean, m2, k, gm, g2);
+    }
+  }
+}
+
 template <class T>
 void cf_stats(const T* x, const View& v, I threads, double* mean, double* var) {
   const Split sp = cf_split(v, threads);
@@ -114,14 +162,7 @@ void cf_stats(const T* x, const View& v, I threads, double* mean, double* var) {
     const I c = t / P, j = t % P;
     const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
     const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
-    const double n = static_cast<double>((o1 - o0) * (s1 - s0));
-    double s = 0;
-    for (I o = o0; o < o1; ++o) s += sum_of(x + (o * v.C + c) * v.inner + s0, s1 - s0);
-    const double m = s / std::max(n, 1.0);
-    double q = 0, r = 0;
-    for (I o = o0; o < o1; ++o) sqdev(x + (o * v.C + c) * v.inner + s0, s1 - s0, m, q, r);
-    pn[t] = n;
-    corrected(m, q, r, n, pm[t], pq[t]);
+    cf_chunk(x, v, c, o0, o1, s0, s1, pn[t], pm[t], pq[t]);
   });
   merge(pn.data(), pm.data(), pq.data(), v.C, P, P, 1, mean, var);
 }
