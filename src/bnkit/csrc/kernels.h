@@ -11,9 +11,9 @@
 
 namespace bnkit {
 
-// Per-channel mean and biased variance. Channels-first: two passes per cache-sized chunk
-// merged with Chan's formula; channels-last: per chunk of rows, one pass of deviations
-// from the chunk's first row (float) or two passes (double), merged likewise.
+// Per-channel mean and biased variance, per cache-sized chunk merged with Chan's formula:
+// float, one pass of deviations from the first value of each group of at most SHIFT_ROWS
+// values of a channel (channels-last: the chunk's first row); double, two passes.
 template <class T>
 void batch_stats(const T* x, const View& v, I threads, double* mean, double* var);
 

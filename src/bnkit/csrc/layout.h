@@ -19,7 +19,7 @@ using I = int64_t;
 
 constexpr I CHUNK = 65536;         // values per reduction chunk (256 KiB of float32: L2)
 constexpr I BLOCK = 65536;         // values per elementwise task
-constexpr I SHIFT_ROWS = 4096;     // rows per (M, C) one-pass chunk: bounds its error
+constexpr I SHIFT_ROWS = 4096;     // values of a channel per one-pass shift: bounds its error
 constexpr I PARALLEL_MIN = 32768;  // below this a call runs on one thread (no wake-ups)
 
 struct View {
