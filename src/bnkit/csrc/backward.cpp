@@ -14,6 +14,7 @@ namespace bnkit {
 namespace {
 
 constexpr int LANES = 8;
+constexpr I BLOCK_BYTES = 512 << 10;  // dy + x of a fused backward task: stays in L2
 
 // relu's gate: the forward's affine coefficients per channel (m null: no gate, dy as is).
 template <class T>
@@ -296,22 +297,44 @@ template <class T>
 void fused_backward(const T* dy, const T* x, T* dx, const View& v, I threads, const double* mean,
                     const double* invstd, const double* w, double n, const T* gmh,
                     const T* gsc, const T* gsh, double* sum_dy, double* sum_dy_xmu) {
-  const Gate<T> gate{gmh, gsc, gsh};
-  run_tasks(v.C, threads, [&](I c) {
-    double s = 0, q = 0;
-    channel_sums(dy, x, v, c, 0, v.outer, 0, v.inner, mean, gate, s, q);
-    sum_dy[c] = s;
-    sum_dy_xmu[c] = q;
-    T mh, a, k, cc;
-    elemt_coeffs(mean + c, invstd + c, w ? w + c : nullptr, &s, &q, n, true, 1, &mh, &a, &k, &cc);
-    const T gm = gmh ? gmh[c] : T(0), ga = gmh ? gsc[c] : T(0), gh = gmh ? gsh[c] : T(0);
-    for (I o = 0; o < v.outer; ++o) {
-      const I i0 = (o * v.C + c) * v.inner;
-      if (gmh)
-        elemt_run<T, true>(dy + i0, x + i0, dx + i0, v.inner, mh, a, k, cc, true, gm, ga, gh);
-      else
-        elemt_run<T, false>(dy + i0, x + i0, dx + i0, v.inner, mh, a, k, cc, true, gm, ga, gh);
+  // Tasks of kb consecutive channels: row o of the block is one contiguous run of
+  // kb * inner values, so short rows (small images) stream in memory order instead of
+  // jumping a whole (C, inner) plane per row; the block's dy and x (about BLOCK_BYTES) stay
+  // in cache for the second pass. Each channel's sums add its rows in order, as before.
+  const I per_channel = 2 * v.outer * v.inner * static_cast<I>(sizeof(T));
+  const I balanced = std::max<I>(1, v.C / (4 * threads));  // >= 4 tasks per thread
+  const I kb = std::max<I>(1, std::min(balanced, BLOCK_BYTES / per_channel));
+  run_tasks(ceil_div(v.C, kb), threads, [&](I t) {
+    const I c0 = t * kb, c1 = std::min(v.C, c0 + kb), k = c1 - c0;
+    std::vector<double> s(k, 0.0), q(k, 0.0);
+    std::vector<T> mh(k), a(k), kc(k), cc(k);
+    for (I o = 0; o < v.outer; ++o)
+      for (I c = c0; c < c1; ++c) {
+        const I i0 = (o * v.C + c) * v.inner;
+        if (gmh)
+          row_sums<T, true>(dy + i0, x + i0, v.inner, mean[c], gmh[c], gsc[c], gsh[c], s[c - c0],
+                            q[c - c0]);
+        else
+          row_sums<T, false>(dy + i0, x + i0, v.inner, mean[c], T(0), T(0), T(0), s[c - c0],
+                             q[c - c0]);
+      }
+    for (I c = c0; c < c1; ++c) {
+      const I j = c - c0;
+      sum_dy[c] = s[j];
+      sum_dy_xmu[c] = q[j];
+      elemt_coeffs(mean + c, invstd + c, w ? w + c : nullptr, &s[j], &q[j], n, true, 1, &mh[j],
+                   &a[j], &kc[j], &cc[j]);
     }
+    for (I o = 0; o < v.outer; ++o)
+      for (I c = c0; c < c1; ++c) {
+        const I i0 = (o * v.C + c) * v.inner, j = c - c0;
+        if (gmh)
+          elemt_run<T, true>(dy + i0, x + i0, dx + i0, v.inner, mh[j], a[j], kc[j], cc[j], true,
+                             gmh[c], gsc[c], gsh[c]);
+        else
+          elemt_run<T, false>(dy + i0, x + i0, dx + i0, v.inner, mh[j], a[j], kc[j], cc[j], true,
+                              T(0), T(0), T(0));
+      }
   });
 }
 
