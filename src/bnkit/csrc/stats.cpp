@@ -118,6 +118,26 @@ inline void chan_add(double& n, double& mean, double& m2, double nb, double mb, 
 // at most SHIFT_ROWS values (whole row slices, or pieces of a longer one), deviations from
 // the group's first value, groups joined by Chan's merge: the bound of cl_shifted below
 // holds per group. double: two passes over the chunk (the second from L2).
+// merge() for chunks of rows of (M, C): chunk j's count pn[j] is every channel's, its
+// (mean, M2) at j*C + c. The same arithmetic, in the same order per channel, with the
+// chunks in the outer loops so that the channels run along memory.
+void merge_rows(const double* pn, const double* pm, const double* pq, I C, I P, double* mean,
+                double* var) {
+  double n = 0;
+  for (I j = 0; j < P; ++j) n += pn[j];
+  const double nn = std::max(n, 1.0);
+  std::vector<double> s(C, 0.0), m2(C, 0.0);
+  for (I j = 0; j < P; ++j)  // shifted by chunk 0's mean: equal means merge exactly
+    for (I c = 0; c < C; ++c) s[c] += pn[j] * (pm[j * C + c] - pm[c]);
+  for (I c = 0; c < C; ++c) mean[c] = pm[c] + s[c] / nn;
+  for (I j = 0; j < P; ++j)
+    for (I c = 0; c < C; ++c) {
+      const double d = pm[j * C + c] - mean[c];
+      m2[c] += pq[j * C + c] + pn[j] * d * d;
+    }
+  for (I c = 0; c < C; ++c) var[c] = m2[c] / nn;
+}
+
 template <class T>
 void cf_chunk(const T* x, const View& v, I c, I o0, I o1, I s0, I s1, double& n, double& mean,
               double& m2) {
@@ -273,10 +293,7 @@ void cl_stats(const T* x, const View& v, I threads, double* mean, double* var) {
       cl_two_pass(x, m0, m1, C, &pm[j * C], &pq[j * C]);
     pn[j] = static_cast<double>(m1 - m0);
   });
-  std::vector<double> pnc(P * C);  // counts per (chunk, channel) for merge's indexing
-  for (I j = 0; j < P; ++j)
-    for (I c = 0; c < C; ++c) pnc[j * C + c] = pn[j];
-  merge(pnc.data(), pm.data(), pq.data(), C, P, 1, C, mean, var);
+  merge_rows(pn.data(), pm.data(), pq.data(), C, P, mean, var);
 }
 
 }  // namespace
