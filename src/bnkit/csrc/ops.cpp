@@ -85,7 +85,10 @@ struct Coeffs {
   explicit Coeffs(I C) : a(C), b(C), c(C), d(C) {}
 };
 
-constexpr I FUSE_BYTES = 8 << 20;  // a channel's dy + x up to this stays in cache
+// A channel's dy + x up to this stays in L2, beside the dx written from it, between the
+// fused backward's two passes; larger channels (64x64x56x56: 1.6 MB) measured 10-15 %
+// faster with the two streaming passes of the other path.
+constexpr I FUSE_BYTES = 1 << 20;
 
 // The per-channel fused backward pays on a channels-first view whose channels balance
 // over the threads and whose per-channel dy + x stay cached between its two passes.
