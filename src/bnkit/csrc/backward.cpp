@@ -8,7 +8,8 @@
 #ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
 #pragma GCC target("avx2")
 #endif
-#include "simd.h"  // after the target: its vectors are AVX2 ones there
+#include "simd.h"   // after the target: its vectors are AVX2 ones there
+#include "tasks.h"  // likewise: its loops inline the kernels' lambdas
 
 namespace bnkit {
 namespace {
@@ -253,7 +254,7 @@ void dy_sums(const T* dy, const T* x, const View& v, I threads, const double* me
 template <class T>
 void relu_grad(const T* dy, const T* x, T* dz, const View& v, I threads, const T* mh,
                const T* sc, const T* sh) {
-  each_run(v, threads, [&](I i0, I n, I c) {  // c < 0: a channels-last row of all C channels
+  each_run(v, threads, [&](I i0, I n, I c) {  // c < 0: a channels-last row
     for (I k = 0; k < n; ++k) {
       const I ch = c < 0 ? k : c;
       dz[i0 + k] = gated(dy[i0 + k], x[i0 + k], mh[ch], sc[ch], sh[ch]);

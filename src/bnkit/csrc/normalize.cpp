@@ -5,6 +5,7 @@
 #ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
 #pragma GCC target("avx2")
 #endif
+#include "tasks.h"  // after the target: its loops inline the kernels' lambdas
 
 namespace bnkit {
 namespace {

@@ -8,7 +8,8 @@
 #ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
 #pragma GCC target("avx2")
 #endif
-#include "simd.h"  // after the target: its vectors are AVX2 ones there
+#include "simd.h"   // after the target: its vectors are AVX2 ones there
+#include "tasks.h"  // likewise: its loops inline the kernels' lambdas
 
 namespace bnkit {
 namespace {
