@@ -30,7 +30,7 @@ CASES = [((6, 1, 7), 1, False), ((2, 3), 1, False), ((1, 5, 2), 1, False),
          ((3, 5, 7, 11), 1, False), ((3, 4099), 1, False), ((2, 4099, 3), 1, False),
          ((4, 6, 5, 3), 1, True), ((2, 4, 3, 5, 2), 1, True), ((4, 7, 6), 2, False),
          ((5, 3, 4), 0, False), ((3, 2, 20000), 1, False), ((1, 1, 70001), 1, False),
-         ((40000, 3), 1, False), ((8, 16, 24, 24), 1, True)]
+         ((40000, 3), 1, False), ((8, 16, 24, 24), 1, True), ((4, 32, 6, 6), 1, False)]
 if CHILD:  # the interpreter is slow: the smallest cases
     CASES = [c for c in CASES if math.prod(c[0]) <= 200]
 

@@ -92,6 +92,21 @@ def test_channels_last_float32_statistics_with_outliers_in_first_rows(threads, m
     torch.testing.assert_close(got.var, want.var, rtol=1e-9, atol=0)
 
 
+def test_channels_first_float32_statistics_with_outliers_at_every_shift():
+    """The one-pass channels-first float32 statistics shift each group of at most 4096
+    values by its first value. (2, 2, 70000) splits each row into two chunks of 35000 values
+    (one or two threads), each into groups of 4096: an outlier 1e4 std away exactly at every
+    group's first value of 1e6 off-centre data is the worst case for the shift, and mean and
+    variance still come out float64-accurate (plain sums of x and x^2 would not)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 2, 70000, generator=g, dtype=torch.float64) + 1e6).float()
+    for start in (0, 35000):
+        x[..., start:start + 35000:4096] += 1e4
+    got, want = cpu.batch_stats(x, 1), ref.batch_stats(x, 1)
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(got.var, want.var, rtol=1e-9, atol=0)
+
+
 def test_resolve_agrees_with_torch_contiguity():
     """The cached, stride-only resolve() says dense exactly when torch's is_contiguous does
     (size-1 dims, permutations, slices, expands, channels-last 4D/5D)."""

@@ -19,7 +19,8 @@
 #ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
 #pragma GCC target("avx2")
 #endif
-#include "simd.h"  // after the target: its vectors are AVX2 ones there
+#include "simd.h"   // after the target: its vectors are AVX2 ones there
+#include "tasks.h"  // after the target: its loops inline the kernels' lambdas
 
 namespace bnkit {
 namespace {
@@ -101,30 +102,6 @@ inline void recover(L y, L g, Consts<T> k, R r, R h, L& dz, L& xmu) {
   }
 }
 
-// Runs f(offset, n, c) over the elementwise tasks: runs of n values of channel c, or (c < 0)
-// one channels-last row of all C channels.
-template <class F>
-void each_run(const View& v, I threads, const F& f) {
-  if (v.inner == 1) {
-    const I rows = std::max<I>(1, BLOCK / v.C);
-    run_tasks(ceil_div(v.outer, rows), threads, [&](I t) {
-      for (I m = t * rows; m < std::min(v.outer, (t + 1) * rows); ++m) f(m * v.C, v.C, I(-1));
-    });
-    return;
-  }
-  const I nrows = v.outer * v.C;
-  const RowSplit rs = row_split(nrows, v.inner);
-  run_tasks(rs.tasks, threads, [&](I t) {
-    const I r0 = (t / rs.pieces) * rs.per, r1 = std::min(nrows, r0 + rs.per);
-    const I s0 = (t % rs.pieces) * rs.width, s1 = std::min(v.inner, s0 + rs.width);
-    I c = r0 % v.C;
-    for (I r = r0; r < r1; ++r) {
-      f(r * v.inner + s0, s1 - s0, c);
-      c = c + 1 < v.C ? c + 1 : 0;
-    }
-  });
-}
-
 // y = f((x - m) * a + h) over a run of one channel; y may be x (each block is loaded
 // before it is stored).
 template <class T, AbnAct A>
@@ -169,7 +146,7 @@ void run_sums(const T* dy, const T* y, I n, Consts<T> k, T r, T h, double& s, do
   I i = 0;
   T gz[LANES], xm[LANES];
 #ifdef BNKIT_VECTOR_EXT
-  f64x4 s0 = splat4(0), s1 = splat4(0), q0 = splat4(0), q1 = splat4(0);
+  V8 s8 = splat8(0), q8 = splat8(0);
   for (; i + LANES <= n; i += LANES) {
     if constexpr (VECTOR<A>) {
       for (int u = 0; u < LANES; u += W<T>) {
@@ -181,14 +158,12 @@ void run_sums(const T* dy, const T* y, I n, Consts<T> k, T r, T h, double& s, do
     } else {
       for (int l = 0; l < LANES; ++l) recover<T, T, T, A>(y[i + l], dy[i + l], k, r, h, gz[l], xm[l]);
     }
-    const f64x4 g0 = load4(gz), g1 = load4(gz + 4);
-    s0 += g0;
-    s1 += g1;
-    q0 += g0 * load4(xm);
-    q1 += g1 * load4(xm + 4);
+    const V8 g8 = load8(gz);
+    s8 += g8;
+    q8 += g8 * load8(xm);
   }
-  store8(s0, s1, as);
-  store8(q0, q1, aq);
+  store8(s8, as);
+  store8(q8, aq);
 #else
   for (; i + LANES <= n; i += LANES) {
     for (int l = 0; l < LANES; ++l) recover<T, T, T, A>(y[i + l], dy[i + l], k, r, h, gz[l], xm[l]);
@@ -258,9 +233,9 @@ void row_sums(const T* dy, const T* y, I C, const T* r, const T* h, Consts<T> k,
         vstore(gz + u, d);
         vstore(xm + u, x);
       }
-      const f64x4 g0 = load4(gz), g1 = load4(gz + 4);
-      store8(load4(s + c) + g0, load4(s + c + 4) + g1, s + c);
-      store8(load4(q + c) + g0 * load4(xm), load4(q + c + 4) + g1 * load4(xm + 4), q + c);
+      const V8 g8 = load8(gz);
+      store8(load8(s + c) + g8, s + c);
+      store8(load8(q + c) + g8 * load8(xm), q + c);
     }
   }
 #endif

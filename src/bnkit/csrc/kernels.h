@@ -11,9 +11,9 @@
 
 namespace bnkit {
 
-// Per-channel mean and biased variance. Channels-first: two passes per cache-sized chunk
-// merged with Chan's formula; channels-last: per chunk of rows, one pass of deviations
-// from the chunk's first row (float) or two passes (double), merged likewise.
+// Per-channel mean and biased variance, per cache-sized chunk merged with Chan's formula:
+// float, one pass of deviations from the first value of each group of at most SHIFT_ROWS
+// values of a channel (channels-last: the chunk's first row); double, two passes.
 template <class T>
 void batch_stats(const T* x, const View& v, I threads, double* mean, double* var);
 
@@ -28,11 +28,11 @@ template <class T>
 void normalize(const T* x, T* y, const View& v, I threads, const T* mean_hi, const T* scale,
                const T* shift, bool relu);
 
-// sum dy and sum dy (x - mean) per channel. With gate coefficients (relu), dy stands for
-// dz = dy * relu'(z), z = (x - gmh) * gsc + gsh recomputed (gmh null: no gate).
+// sum dy and sum dy (x - mean) per channel. With gate coefficients (relu: the forward's
+// mean_hi, scale, shift; gmh null: no gate), dy stands for dz = dy * relu'(z), z recomputed.
 template <class T>
-void dy_sums(const T* dy, const T* x, const View& v, I threads, const double* mean,
-             double* sum_dy, double* sum_dy_xmu);
+void dy_sums(const T* dy, const T* x, const View& v, I threads, const double* mean, const T* gmh,
+             const T* gsc, const T* gsh, double* sum_dy, double* sum_dy_xmu);
 
 // dz = dy * relu'(z), relu'(z) = 1 or 0 as T (z > 0), z recomputed from the coefficients.
 template <class T>
@@ -46,10 +46,12 @@ void elemt_coeffs(const double* mean, const double* invstd, const double* w, con
                   const double* sum_dy_xmu, double n, bool training, I C, T* mean_hi, T* a, T* k,
                   T* c);
 
-// dx = (c + (x - mean_hi) k) + dy a (training) or dy a (eval).
+// dx = (c + (x - mean_hi) k) + dy a (training) or dy a (eval); with gate coefficients (as
+// in dy_sums) dy stands for dz = dy * relu'(z), recomputed.
 template <class T>
 void backward_elemt(const T* dy, const T* x, T* dx, const View& v, I threads, const T* mean_hi,
-                    const T* a, const T* k, const T* c, bool training);
+                    const T* a, const T* k, const T* c, bool training, const T* gmh,
+                    const T* gsc, const T* gsh);
 
 // Training backward of a channels-first view, one task per channel: the sums (dy and x
 // read from memory), then dx while the channel is still in cache (3 passes over memory

@@ -1,6 +1,6 @@
-// The (outer, C, inner) view of a dense input, the work splits of the kernels and the
-// task runner. Shared by every kernel file; header-only and free of ATen's tensor headers
-// so the kernel files compile fast.
+// The (outer, C, inner) view of a dense input and the work splits of the kernels (their
+// task runner is tasks.h). Shared by every kernel file; header-only and free of ATen's
+// tensor headers so the kernel files compile fast.
 //
 // A dense input is seen as (outer, C, inner) around its channel axis: element (o, c, s) at
 // (o*C + c)*inner + s. inner == 1 ("channels-last", e.g. (N, C), NHWC) is the (M, C) view
@@ -19,7 +19,7 @@ using I = int64_t;
 
 constexpr I CHUNK = 65536;         // values per reduction chunk (256 KiB of float32: L2)
 constexpr I BLOCK = 65536;         // values per elementwise task
-constexpr I SHIFT_ROWS = 4096;     // rows per (M, C) one-pass chunk: bounds its error
+constexpr I SHIFT_ROWS = 4096;     // values of a channel per one-pass shift: bounds its error
 constexpr I PARALLEL_MIN = 32768;  // below this a call runs on one thread (no wake-ups)
 
 struct View {
@@ -58,16 +58,13 @@ inline I cl_rows(I m, I c, I threads) {
   return std::max<I>(1, std::min({CHUNK / std::max<I>(c, 1), SHIFT_ROWS, ceil_div(m, 4 * threads)}));
 }
 
-// Runs f(i) for i in [0, n): across torch's threads when `threads` > 1, else inline.
-template <class F>
-inline void run_tasks(I n, I threads, const F& f) {
-  if (threads > 1 && n > 1) {
-    at::parallel_for(0, n, 1, [&](I b, I e) {
-      for (I i = b; i < e; ++i) f(i);
-    });
-  } else {
-    for (I i = 0; i < n; ++i) f(i);
-  }
+// Rows per elementwise task: about BLOCK values each, with a task count that is a multiple
+// of `threads` (the threads split the tasks evenly: 5 tasks on 2 threads would leave one
+// thread 60 % of the work).
+inline I rows_per_task(I nrows, I row_len, I threads) {
+  I tasks = std::max<I>(1, ceil_div(nrows * row_len, BLOCK));
+  if (threads > 1) tasks = ceil_div(tasks, threads) * threads;
+  return std::max<I>(1, ceil_div(nrows, tasks));
 }
 
 // Elementwise tasks over the (outer*C, inner) rows: tasks of `per` whole rows, or of
@@ -76,9 +73,9 @@ struct RowSplit {
   I per, pieces, width, tasks;
 };
 
-inline RowSplit row_split(I nrows, I inner) {
-  const I per = std::max<I>(1, BLOCK / inner);
-  const I pieces = per == 1 ? ceil_div(inner, BLOCK) : 1;
+inline RowSplit row_split(I nrows, I inner, I threads) {
+  const I per = inner >= BLOCK ? 1 : rows_per_task(nrows, inner, threads);
+  const I pieces = inner >= BLOCK ? ceil_div(inner, BLOCK) : 1;
   const I width = ceil_div(inner, pieces);
   return {per, pieces, width, ceil_div(nrows, per) * pieces};
 }

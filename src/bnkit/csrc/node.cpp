@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "ops.h"
@@ -42,8 +43,13 @@ struct BN : public torch::autograd::Function<BN> {
                         double eps, double momentum, bool update, bool relu, int64_t axis) {
     Forward f = bnkit::forward(x, w, b, rm, rv, training, eps, axis, relu,
                                update ? std::optional<double>(momentum) : std::nullopt);
-    Tensor mv = at::cat({f.mean, f.var});
+    Tensor mv;  // mean | var (2C,) float64: saved for the backward, or returned to warn
+    if (ctx != nullptr || f.skipped > 0) {
+      mv = at::empty({static_cast<int64_t>(f.stats.size())}, x.options().dtype(at::kDouble));
+      std::copy(f.stats.begin(), f.stats.end(), mv.data_ptr<double>());
+    }
     if (f.skipped > 0) g_nonfinite = mv;
+    if (ctx == nullptr) return f.y;  // no graph to record (see bn)
     ctx->save_for_backward({x, w.value_or(Tensor()), b.value_or(Tensor()), mv});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["training"] = training;
@@ -70,7 +76,8 @@ struct BN : public torch::autograd::Function<BN> {
       auto g = op.call(dy, x, w, b, mv, training, eps, axis, relu);
       return grads_of(g[0], w.defined() ? g[1] : Tensor(), b.defined() ? g[2] : Tensor());
     }
-    auto [dx, dw, db] = bnkit::backward(dy, x, w, b, mv.narrow(0, 0, C), mv.narrow(0, C, C),
+    const double* stats = mv.const_data_ptr<double>();
+    auto [dx, dw, db] = bnkit::backward(dy, x, w, b, stats, stats + C,
                                         static_cast<double>(x.numel() / C), training, eps, axis,
                                         relu);
     return grads_of(dx, w.defined() ? dw : Tensor(), b.defined() ? db : Tensor());
@@ -110,7 +117,14 @@ std::tuple<Tensor, Tensor> bn(const Tensor& x, const OptT& w, const OptT& b, con
                               const OptT& rv, bool training, double eps,
                               double momentum, bool update, bool relu, int64_t axis) {
   if (!takes(x, w, b, rm, rv, training, update, axis)) return {Tensor(), Tensor()};
-  Tensor y = BN::apply(x, w, b, rm, rv, training, eps, momentum, update, relu, axis);
+  // Autograd records a node only in grad mode with an input that requires grad; otherwise
+  // (inference, no_grad, eval) the forward runs alone, without the Function's bookkeeping.
+  const bool graph = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || (has(w) && w->requires_grad()) ||
+                      (has(b) && b->requires_grad()));
+  Tensor y = graph ? BN::apply(x, w, b, rm, rv, training, eps, momentum, update, relu, axis)
+                   : BN::forward(nullptr, x, w, b, rm, rv, training, eps, momentum, update,
+                                 relu, axis);
   return {y, std::exchange(g_nonfinite, Tensor())};
 }
 

@@ -5,6 +5,7 @@
 #ifdef BNKIT_AVX2  // setup.py: the build machine has AVX2 (module.cpp checks the CPU)
 #pragma GCC target("avx2")
 #endif
+#include "tasks.h"  // after the target: its loops inline the kernels' lambdas
 
 namespace bnkit {
 namespace {
@@ -15,48 +16,32 @@ inline T relu_of(T y) {
   return y < T(0) ? T(0) : y;
 }
 
+// n values of one channel: y = act((x - m) * a + h).
 template <class T, bool RELU>
-inline void apply_row(const T* x, T* y, I n, T m, T a, T h) {
+inline void apply_run(const T* __restrict__ x, T* __restrict__ y, I n, T m, T a, T h) {
   for (I k = 0; k < n; ++k) {
     const T z = (x[k] - m) * a + h;
     y[k] = RELU ? relu_of(z) : z;
   }
 }
 
+// A channels-last row: value k belongs to channel k.
 template <class T, bool RELU>
-inline void apply_cl_rows(const T* x, T* y, I m0, I m1, I C, const T* mh, const T* sc,
-                          const T* sh) {
-  for (I m = m0; m < m1; ++m) {
-    const T* xr = x + m * C;
-    T* yr = y + m * C;
-    for (I c = 0; c < C; ++c) {
-      const T z = (xr[c] - mh[c]) * sc[c] + sh[c];
-      yr[c] = RELU ? relu_of(z) : z;
-    }
+inline void apply_cl_row(const T* __restrict__ x, T* __restrict__ y, I C, const T* __restrict__ mh,
+                         const T* __restrict__ sc, const T* __restrict__ sh) {
+  for (I c = 0; c < C; ++c) {
+    const T z = (x[c] - mh[c]) * sc[c] + sh[c];
+    y[c] = RELU ? relu_of(z) : z;
   }
 }
 
 template <class T, bool RELU>
 void run(const T* x, T* y, const View& v, I threads, const T* mh, const T* sc, const T* sh) {
-  if (v.inner == 1) {
-    const I rows = std::max<I>(1, BLOCK / v.C);
-    run_tasks(ceil_div(v.outer, rows), threads, [&](I t) {
-      apply_cl_rows<T, RELU>(x, y, t * rows, std::min(v.outer, (t + 1) * rows), v.C, mh, sc,
-                             sh);
-    });
-    return;
-  }
-  const I nrows = v.outer * v.C;
-  const RowSplit rs = row_split(nrows, v.inner);
-  run_tasks(rs.tasks, threads, [&](I t) {
-    const I r0 = (t / rs.pieces) * rs.per, r1 = std::min(nrows, r0 + rs.per);
-    const I s0 = (t % rs.pieces) * rs.width, s1 = std::min(v.inner, s0 + rs.width);
-    I c = r0 % v.C;
-    for (I r = r0; r < r1; ++r) {
-      apply_row<T, RELU>(x + r * v.inner + s0, y + r * v.inner + s0, s1 - s0, mh[c], sc[c],
-                         sh[c]);
-      c = c + 1 < v.C ? c + 1 : 0;
-    }
+  each_run(v, threads, [&](I i0, I n, I c) {
+    if (c < 0)
+      apply_cl_row<T, RELU>(x + i0, y + i0, n, mh, sc, sh);
+    else
+      apply_run<T, RELU>(x + i0, y + i0, n, mh[c], sc[c], sh[c]);
   });
 }
 

@@ -18,7 +18,7 @@ from ..errors import (
     BNTypeError,
     BNValueError,
 )
-from .activation import check_act
+from .activation import ACTIVATIONS, check_act
 
 
 def normalize_axis(axis, ndim: int) -> int:
@@ -201,6 +201,10 @@ def validate_call(x, running_mean, running_var, weight, bias, training, momentum
     """Every check of one core call, before anything is touched; returns the channel axis
     normalized to [0, x.dim()). Layers that run the core's pieces themselves (ghost, renorm,
     sync) call it first, so their errors are the core's."""
+    fast = _plainly_valid(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                          axis, mask, act)
+    if fast is not None:
+        return fast
     check_input(x)
     axis = normalize_axis(axis, x.dim())
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
@@ -212,3 +216,36 @@ def validate_call(x, running_mean, running_var, weight, bias, training, momentum
         check_mask(mask, x, axis)
     check_act(act)
     return axis
+
+
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def _plainly_valid(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                   mask, act):
+    """The normalized axis when the call is plainly valid, else None. Each condition is one
+    that the full checks of `validate_call` also require, on plain tensors and Python
+    numbers only, read with the fewest attribute lookups (a layer call's validation is a
+    visible share of a small layer's time); None only means the full checks run and
+    explain whatever is wrong."""
+    if (type(x) not in _TENSORS or mask is not None or type(axis) is not int
+            or type(act) is not str or act not in ACTIVATIONS or type(training) is not bool
+            or type(momentum) is not float or type(eps) is not float
+            or not (0.0 <= momentum <= 1.0 and eps >= 0.0) or x.dtype not in _FLOATS):
+        return None
+    shape = x.shape
+    nd = len(shape)
+    if nd < 2 or not -nd <= axis < nd:
+        return None
+    axis %= nd
+    channels = shape[axis:axis + 1]  # torch.Size([C])
+    cpu = x.is_cpu
+    for v in (running_mean, running_var, weight, bias):
+        if v is not None and not (type(v) in _TENSORS and v.shape == channels
+                                  and v.dtype in _FLOATS
+                                  and (v.is_cpu if cpu else v.device == x.device)):
+            return None
+    if running_mean is None or running_var is None:
+        return axis if running_mean is None and running_var is None and training else None
+    return None if running_mean.requires_grad or running_var.requires_grad else axis

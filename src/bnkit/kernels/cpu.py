@@ -7,9 +7,10 @@ package is installed; nothing is compiled or cached at run time). It is availabl
 without it: BNKIT_BUILD_EXT=0, the build failed, or the import error), which
 `bnkit info` shows, and bnkit runs on the reference backend.
 
-Same primitives and results as the reference backend: statistics in float64 (two passes
-per cache-sized chunk merged with Chan's formula; channels-last float32: one pass of
-deviations from each chunk's first row), y = (x - mean_hi) * scale + shift with the core's
+Same primitives and results as the reference backend: statistics in float64 (float64
+input: two passes per cache-sized chunk; float32: one pass of deviations from the first
+value of each group of at most 4096 values; chunks and groups merged with Chan's formula),
+y = (x - mean_hi) * scale + shift with the core's
 `affine_coeffs`, dx with `elemt_coeffs`, on torch's threads (`at::parallel_for`; inputs
 under 32768 values on the calling thread). Inputs the kernels do not take (masks in the
 statistics and the elementwise backward, silu/gelu, non-dense layouts, a dy laid out
