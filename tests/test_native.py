@@ -102,6 +102,47 @@ def test_layer_matches_the_python_path_bit_for_bit(monkeypatch, case, eval_mode)
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no_input_grad"])
+@pytest.mark.parametrize("eval_mode", [False, True])
+@pytest.mark.parametrize("case", ["mlp", "nhwc", "relu", "cumulative", "parallel-fused"])
+def test_calls_without_a_graph_match_the_python_path(monkeypatch, case, eval_mode, context):
+    """Without a graph to record (no_grad, inference_mode, or grad mode on with nothing
+    requiring grad) the node runs its forward alone: output, buffers and the step count are
+    still the Python path's bit for bit, and nothing requires grad."""
+    make, shape, cl, dtype, threads = CASES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "no_input_grad": torch.enable_grad}[context]
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=torch.float64).mul(3).add(2).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        layers = [make().to(dtype), make().to(dtype)]
+        with torch.no_grad():
+            for t in [*layers[0].parameters(),
+                      *(b for b in layers[0].buffers() if b.is_floating_point())]:
+                t.uniform_(0.5, 1.5)
+        layers[1].load_state_dict(layers[0].state_dict())
+        for layer in layers:
+            layer.train(not eval_mode)
+            if context == "no_input_grad":
+                layer.requires_grad_(False)
+        calls = spy(monkeypatch)
+        with ctx():
+            got = [layers[0](x) for _ in range(2)]
+        assert len(calls) == 2
+        monkeypatch.setattr(kernels, "_native", None)
+        with ctx():
+            want = [layers[1](x) for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    for g, w in zip([*got, *layers[0].buffers()], [*want, *layers[1].buffers()], strict=True):
+        assert g.dtype == w.dtype and g.stride() == w.stride() and not g.requires_grad
+        assert torch.equal(g, w)
+
+
 def test_layer_values_match_torch_in_float64():
     """The oracle: torch's own layer in float64 (same step count, buffers, gradients)."""
     torch.manual_seed(1)
