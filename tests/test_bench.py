@@ -312,3 +312,22 @@ def test_old_modules_are_gone():
     assert not (ROOT / "src" / "bnkit" / "bench.py").exists()
     assert not (ROOT / "src" / "bnkit" / "bench_gpu.py").exists()
     assert not (ROOT / "src" / "bnkit" / "tools" / "fold_bench.py").exists()
+
+
+def test_bench_memory_section_through_the_command_and_json(tmp_path, capsys):
+    """`--memory --json`: the memory section's rows reach the JSON file as objects (they are
+    dataclasses), with InPlaceABN saving less than torch's BN + LeakyReLU."""
+    path = tmp_path / "memory.json"
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--no-models", "--no-first-call", "--no-compile", "--memory",
+                              "--shapes", "4x3x5x5", "--repeats", "1", "--warmup", "0",
+                              "--json", str(path)])
+    assert bench.main(args) == 0
+    data = json.loads(path.read_text())
+    for style in ("resnet_style", "mobilenet_style"):
+        rows = {r["variant"]: r for r in data["memory"][style]}
+        assert set(rows) == set(bench.memory.VARIANTS)
+        assert all(r["saved_bytes"] > 0 and r["step_s"] > 0 for r in rows.values())
+        assert rows["InPlaceABN"]["saved_bytes"] < rows["torch BN + LeakyReLU"]["saved_bytes"]
+    assert "saved for backward and step time: resnet_style" in capsys.readouterr().out

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,9 +117,19 @@ def main(args: argparse.Namespace) -> int:
         print(section.text(results[section.key]), flush=True)
     env["load_after"] = machine.load()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return 0
+
+
+def write_json(path: str, results: dict) -> None:
+    """The results as JSON; the sections' dataclass rows (`memory.MemoryRow`) as objects."""
+    def plain(obj):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        raise TypeError(f"bench result of type {type(obj).__name__} is not JSON serializable")
+
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=plain)
 
 
 def check_args(args: argparse.Namespace) -> int:
