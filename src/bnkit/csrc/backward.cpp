@@ -91,27 +91,12 @@ void channel_sums(const T* dy, const T* x, const View& v, I c, I o0, I o1, I s0,
 template <class T>
 void cf_sums(const T* dy, const T* x, const View& v, I threads, const double* mean,
              const Gate<T>& gate, double* sum_dy, double* sum_dy_xmu) {
-  const Split sp = cf_split(v, threads);
-  const I P = ceil_div(v.outer, sp.rows) * sp.pieces;
-  std::vector<double> ps(v.C * P), pq(v.C * P);
-  run_tasks(v.C * P, threads, [&](I t) {
-    const I c = t / P, j = t % P;
-    const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
-    const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
-    double s = 0, q = 0;
-    channel_sums(dy, x, v, c, o0, o1, s0, s1, mean, gate, s, q);
-    ps[t] = s;
-    pq[t] = q;
-  });
-  for (I c = 0; c < v.C; ++c) {
-    double s = 0, q = 0;
-    for (I j = 0; j < P; ++j) {
-      s += ps[c * P + j];
-      q += pq[c * P + j];
-    }
-    sum_dy[c] = s;
-    sum_dy_xmu[c] = q;
-  }
+  cf_channel_sums(
+      v, threads,
+      [&](I c, I o0, I o1, I s0, I s1, double& s, double& q) {
+        channel_sums(dy, x, v, c, o0, o1, s0, s1, mean, gate, s, q);
+      },
+      sum_dy, sum_dy_xmu);
 }
 
 // The sums of rows [m0, m1) of (M, C) into s, q (zeroed here): rows in tiles of TILE_ROWS

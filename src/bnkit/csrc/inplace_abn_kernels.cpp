@@ -191,30 +191,15 @@ void run_sums(const T* dy, const T* y, I n, Consts<T> k, T r, T h, double& s, do
 template <class T, AbnAct A>
 void cf_sums(const T* dy, const T* y, const View& v, I threads, const T* r, const T* h,
              Consts<T> k, double* sum_dz, double* sum_dz_xmu) {
-  const Split sp = cf_split(v, threads);
-  const I P = ceil_div(v.outer, sp.rows) * sp.pieces;
-  std::vector<double> ps(v.C * P), pq(v.C * P);
-  run_tasks(v.C * P, threads, [&](I t) {
-    const I c = t / P, j = t % P;
-    const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
-    const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
-    double s = 0, q = 0;
-    for (I o = o0; o < o1; ++o) {
-      const I i0 = (o * v.C + c) * v.inner + s0;
-      run_sums<T, A>(dy + i0, y + i0, s1 - s0, k, r[c], h[c], s, q);
-    }
-    ps[t] = s;
-    pq[t] = q;
-  });
-  for (I c = 0; c < v.C; ++c) {
-    double s = 0, q = 0;
-    for (I j = 0; j < P; ++j) {
-      s += ps[c * P + j];
-      q += pq[c * P + j];
-    }
-    sum_dz[c] = s;
-    sum_dz_xmu[c] = q;
-  }
+  cf_channel_sums(
+      v, threads,
+      [&](I c, I o0, I o1, I s0, I s1, double& s, double& q) {
+        for (I o = o0; o < o1; ++o) {
+          const I i0 = (o * v.C + c) * v.inner + s0;
+          run_sums<T, A>(dy + i0, y + i0, s1 - s0, k, r[c], h[c], s, q);
+        }
+      },
+      sum_dz, sum_dz_xmu);
 }
 
 // s[c] += dz, q[c] += dz (x - mu) over one channels-last row of C channels.

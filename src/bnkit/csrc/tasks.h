@@ -1,10 +1,12 @@
-// The task runner of the kernels: run_tasks and each_run. Each kernel file includes this
+// The task runner of the kernels: run_tasks, each_run and cf_channel_sums. Each kernel file includes this
 // after its target pragma (like simd.h), so these loops compile for the kernels' target
 // (AVX2) and inline the kernels' lambdas: a call per run of a short row (a 4x4 image)
 // would cost as much as its arithmetic.
 #pragma once
 
 #include <ATen/Parallel.h>
+
+#include <vector>
 
 #include "layout.h"
 
@@ -47,6 +49,36 @@ inline void each_run(const View& v, I threads, const F& f) {
       c = c + 1 < v.C ? c + 1 : 0;
     }
   });
+}
+
+// Two per-channel sums (s, q) of a channels-first view, split into tasks (cf_split):
+// f(c, o0, o1, s0, s1, s, q) adds channel c's values of rows [o0, o1) and columns [s0, s1)
+// to s and q; each channel's task shares are then added in task order (a fixed order,
+// whatever the thread count's timing).
+template <class F>
+inline void cf_channel_sums(const View& v, I threads, const F& f, double* out_s,
+                            double* out_q) {
+  const Split sp = cf_split(v, threads);
+  const I P = ceil_div(v.outer, sp.rows) * sp.pieces;
+  std::vector<double> ps(v.C * P), pq(v.C * P);
+  run_tasks(v.C * P, threads, [&](I t) {
+    const I c = t / P, j = t % P;
+    const I o0 = (j / sp.pieces) * sp.rows, o1 = std::min(v.outer, o0 + sp.rows);
+    const I s0 = (j % sp.pieces) * sp.width, s1 = std::min(v.inner, s0 + sp.width);
+    double s = 0, q = 0;
+    f(c, o0, o1, s0, s1, s, q);
+    ps[t] = s;
+    pq[t] = q;
+  });
+  for (I c = 0; c < v.C; ++c) {
+    double s = 0, q = 0;
+    for (I j = 0; j < P; ++j) {
+      s += ps[c * P + j];
+      q += pq[c * P + j];
+    }
+    out_s[c] = s;
+    out_q[c] = q;
+  }
 }
 
 }  // namespace bnkit
