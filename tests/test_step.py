@@ -39,8 +39,7 @@ def _state(m):
 
 
 def _rows(state, row):
-    return {k: (v if row is None or v.dim() == 0 and row is None else v[row])
-            for k, v in state.items()}
+    return {k: v if row is None else v[row] for k, v in state.items()}
 
 
 def _batches():

@@ -103,6 +103,18 @@ def _store_part(part_ptr, plane, p, C, a, k, k_end, v, CL: tl.constexpr):
 
 
 @triton.jit
+def _store_sums(part_ptr, p, C, a, k, k_end, s0, s1, CL: tl.constexpr):
+    """Store a backward reduce's two partial sums (planes 0 and 1 of part[(2, P, C)]): the
+    per-channel vectors (CL), or their totals for channel a (CF: the vectors are its
+    columns)."""
+    if not CL:
+        s0 = tl.sum(s0, axis=0)
+        s1 = tl.sum(s1, axis=0)
+    _store_part(part_ptr, 0, p, C, a, k, k_end, s0, CL)
+    _store_part(part_ptr, 1, p, C, a, k, k_end, s1, CL)
+
+
+@triton.jit
 def stats_kernel(x_ptr, m_ptr, pos_ptr, part_ptr, shift_ptr, rows, cols, C, row_stride,
                  chan_stride, mrow, mcol, rows_per, cols_per, splits_k,
                  CL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -194,11 +206,7 @@ def reduce_kernel(x_ptr, dy_ptr, vec_ptr, part_ptr, rows, cols, C, row_stride, c
             dy = tl.where(inb, dy, 0.0)
             s_dy = s_dy + tl.sum(dy, axis=0)
             s_dyx = s_dyx + tl.sum(dy * xc, axis=0)
-    if not CL:
-        s_dy = tl.sum(s_dy, axis=0)
-        s_dyx = tl.sum(s_dyx, axis=0)
-    _store_part(part_ptr, 0, p, C, a, kk, k_end, s_dy, CL)
-    _store_part(part_ptr, 1, p, C, a, kk, k_end, s_dyx, CL)
+    _store_sums(part_ptr, p, C, a, kk, k_end, s_dy, s_dyx, CL)
 
 
 @triton.jit
@@ -341,11 +349,7 @@ def abn_reduce_kernel(y_ptr, dy_ptr, vec_ptr, part_ptr, rows, cols, C, row_strid
             xmu = tl.where(inb, xmu, 0.0).to(acc)
             s_dz = s_dz + tl.sum(dz, axis=0)
             s_dzx = s_dzx + tl.sum(dz * xmu, axis=0)
-    if not CL:
-        s_dz = tl.sum(s_dz, axis=0)
-        s_dzx = tl.sum(s_dzx, axis=0)
-    _store_part(part_ptr, 0, p, C, a, kk, k_end, s_dz, CL)
-    _store_part(part_ptr, 1, p, C, a, kk, k_end, s_dzx, CL)
+    _store_sums(part_ptr, p, C, a, kk, k_end, s_dz, s_dzx, CL)
 
 
 @triton.jit
